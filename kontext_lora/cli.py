@@ -1,0 +1,101 @@
+"""`kontext-lora` command line: train | make-tiny-model | infer | keys | export."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kontext_lora.config import ConfigError
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that are the user's to fix: printed as one line, exit code 2, no traceback."""
+    from kontext_lora.data.triples import DataError
+    from kontext_lora.model.load import ModelError
+    from kontext_lora.train.loop import TrainingError
+
+    return (ConfigError, DataError, ModelError, TrainingError)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from kontext_lora.config import load_config
+    from kontext_lora.train.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    train(cfg)
+    return 0
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from kontext_lora.model.tiny import make_tiny_model
+
+    print(make_tiny_model(args.dir, seed=args.seed))
+    return 0
+
+
+def _infer(args: argparse.Namespace) -> int:
+    from kontext_lora.infer import run_inference
+
+    out = run_inference(
+        model=args.model, image=args.image, prompt=args.prompt, out=args.out, lora=args.lora, scale=args.scale,
+        steps=args.steps, guidance=args.guidance, seed=args.seed, dtype=args.dtype, size=args.size,
+    )  # fmt: skip
+    print(out)
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from kontext_lora.config import describe_keys
+
+    for key, kind, default, doc in describe_keys():
+        print(f"{key:36s} {kind:6s} {default!r:>14}  {doc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kontext-lora", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a LoRA from a YAML config")
+    p.add_argument("--config", required=True, help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=5e-5")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("make-tiny-model", help="build the tiny random Kontext pipeline in diffusers layout")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_make_tiny)
+
+    p = sub.add_parser("infer", help="edit an image with the base model and a LoRA")
+    p.add_argument("--model", required=True, help="diffusers folder of FLUX.1-Kontext-dev")
+    p.add_argument("--lora", help="LoRA safetensors file (any format diffusers loads)")
+    p.add_argument("--image", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--scale", type=float, default=1.0, help="LoRA strength")
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--guidance", type=float, default=2.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--size", type=int, help="square output side (default: Kontext's preferred ~1 MP size)")
+    p.set_defaults(func=_infer)
+
+    p = sub.add_parser("keys", help="list every config key with its type, default and doc")
+    p.set_defaults(func=_keys)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as exc:
+        print(f"kontext-lora: error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"kontext-lora: error: file not found: {exc.filename}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""The typed config schema: the single source of every key.
+
+Each key is declared once below with its type, default and a one-line doc (``field(metadata={"doc": ...})``).
+``load_config`` reads a YAML file (following ``extends:``), applies ``key=value`` overrides, and validates:
+an unknown key fails naming the key and the nearest valid one; an ill-typed value names key, value and type;
+a value outside its allowed set names the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; the message names the key or file."""
+
+
+def opt(default: Any, doc: str, choices: tuple[str, ...] | None = None) -> Any:
+    """Declare a config key: default value, one-line doc and (for strings) the allowed values."""
+    meta = {"doc": doc, "choices": choices}
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: _copy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _copy(value: Any) -> Any:
+    import copy
+
+    return copy.deepcopy(value)
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = opt(MISSING, "Diffusers folder of FLUX.1-Kontext-dev (or of the embedded tiny model).")
+    build_tiny_if_missing: bool = opt(
+        False, "Build the embedded tiny random Kontext pipeline at `pretrained` if the folder does not exist."
+    )
+    dtype: str = opt("bfloat16", "Dtype of the frozen weights.", ("float32", "bfloat16", "float16"))
+    guidance: float = opt(1.0, "Constant guidance value fed to the guidance-distilled transformer during training.")
+    max_sequence_length: int = opt(512, "T5 tokens per caption (Kontext-dev uses 512).")
+
+
+@dataclass
+class DatasetConfig:
+    path: str = opt(MISSING, "Folder with control/ and target/ subfolders, or with a metadata.jsonl.")
+    default_caption: str = opt("", "Caption for a triple that has no .txt file or caption field.")
+
+
+@dataclass
+class DataConfig:
+    datasets: list[DatasetConfig] = opt([], "One or more datasets of (control, target, caption) triples.")
+    resolution: int = opt(512, "Side of the square training crop in pixels (multiple of 16).")
+    num_workers: int = opt(0, "DataLoader worker processes for reading images.")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = opt(16, "LoRA rank r.")
+    alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: float = opt(0.0, "Dropout on the LoRA input.")
+    preset: str = opt(
+        "attention_mlp",
+        "Target preset: attention (q/k/v/out), attention_mlp (+ feed-forward), all (+ modulation).",
+        ("attention", "attention_mlp", "all"),
+    )
+    target_modules: list[str] = opt([], "Explicit module-name suffixes to adapt; overrides `preset` when non-empty.")
+    init_lora_weights: str = opt("default", "PEFT init of lora_A/B.", ("default", "gaussian"))
+
+
+@dataclass
+class TrainConfig:
+    steps: int = opt(1000, "Optimizer steps to train.")
+    batch_size: int = opt(1, "Samples per device per micro-batch.")
+    gradient_accumulation: int = opt(1, "Micro-batches accumulated per optimizer step.")
+    lr: float = opt(1e-4, "Peak learning rate of AdamW.")
+    weight_decay: float = opt(0.0, "AdamW weight decay on the LoRA parameters.")
+    scheduler: str = opt(
+        "constant",
+        "Learning-rate schedule (diffusers.optimization).",
+        ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial"),
+    )
+    warmup_steps: int = opt(0, "Linear warm-up steps of the schedule.")
+    seed: int = opt(0, "Seed of data order, LoRA init, noise and sigmas.")
+    mixed_precision: str = opt("no", "accelerate mixed precision.", ("no", "bf16", "fp16"))
+    gradient_checkpointing: bool = opt(False, "Recompute transformer block activations in backward to save memory.")
+    max_grad_norm: float = opt(1.0, "Clip the LoRA gradient norm to this value (0 disables).")
+    logit_mean: float = opt(0.0, "Mean of the logit-normal sigma sampler.")
+    logit_std: float = opt(1.0, "Std of the logit-normal sigma sampler.")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = opt("runs/example", "Run folder: adapters, resolved config, logs.")
+    save_every: int = opt(0, "Also write the adapter every N steps (0: only at the end).")
+
+
+@dataclass
+class LoggingConfig:
+    report_to: str = opt("tensorboard", "Where metrics go.", ("tensorboard", "wandb", "none"))
+    log_every: int = opt(1, "Log metrics every N optimizer steps.")
+    wandb_project: str = opt("kontext-lora", "wandb project name.")
+    wandb_mode: str = opt("offline", "wandb mode: offline needs no network.", ("online", "offline", "disabled"))
+
+
+@dataclass
+class Config:
+    model: ModelConfig = opt(ModelConfig(), "The base model.")
+    data: DataConfig = opt(DataConfig(), "Training data.")
+    lora: LoraConfig = opt(LoraConfig(), "The adapter.")
+    train: TrainConfig = opt(TrainConfig(), "Optimisation.")
+    output: OutputConfig = opt(OutputConfig(), "Where results go.")
+    logging: LoggingConfig = opt(LoggingConfig(), "Metrics logging.")
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    """Read one YAML file and, recursively, the file its `extends:` names (relative to it)."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: `extends` loops back to itself")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as exc:  # yaml.YAMLError and friends: one line, naming the file
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    parent = node.pop("extends", None)
+    if parent is None:
+        return node
+    base = _read_yaml(path.parent / str(parent), seen + (path,))
+    return OmegaConf.merge(base, node)
+
+
+def _check_keys(node: Any, schema: type, prefix: str) -> None:
+    """Fail on the first key not declared in the dataclass `schema`, suggesting the nearest declared one."""
+    if not isinstance(node, DictConfig):
+        return
+    hints = typing.get_type_hints(schema)
+    names = [f.name for f in dataclasses.fields(schema)]
+    for key in node.keys():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in hints:
+            near = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean `{(prefix + '.' if prefix else '') + near[0]}`?" if near else ""
+            raise ConfigError(f"unknown config key `{full}`{hint} (valid here: {', '.join(names)})")
+        child, child_type = node._get_node(key), hints[key]
+        item_type = (typing.get_args(child_type) or [None])[0]
+        if dataclasses.is_dataclass(child_type):
+            _check_keys(child, child_type, full)
+        elif isinstance(child, ListConfig) and dataclasses.is_dataclass(item_type):
+            for i, item in enumerate(child):
+                _check_keys(item, item_type, f"{full}[{i}]")
+
+
+def _check_choices(cfg: Any, prefix: str = "") -> None:
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        full = f"{prefix}.{f.name}" if prefix else f.name
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            near = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f"; did you mean `{near[0]}`?" if near else ""
+            raise ConfigError(f"config key `{full}`: {value!r} is not one of {', '.join(choices)}{hint}")
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, full)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    _check_choices(item, f"{full}[{i}]")
+
+
+def _check_values(cfg: Config) -> None:
+    """Cross-field and range checks that a type alone cannot express."""
+    positive = {
+        "train.steps": cfg.train.steps,
+        "train.batch_size": cfg.train.batch_size,
+        "train.gradient_accumulation": cfg.train.gradient_accumulation,
+        "lora.rank": cfg.lora.rank,
+        "data.resolution": cfg.data.resolution,
+        "logging.log_every": cfg.logging.log_every,
+        "model.max_sequence_length": cfg.model.max_sequence_length,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key `{key}`: must be > 0, got {value}")
+    if cfg.data.resolution % 16:
+        raise ConfigError(f"config key `data.resolution`: must be a multiple of 16, got {cfg.data.resolution}")
+    if not cfg.data.datasets:
+        raise ConfigError("config key `data.datasets`: list at least one dataset (each with a `path`)")
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        raise ConfigError(f"config key `lora.dropout`: must be in [0, 1), got {cfg.lora.dropout}")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load, merge and validate a config: YAML file (with `extends:`), then dotlist `key=value` overrides."""
+    schema = OmegaConf.structured(Config)
+    layers: list[DictConfig] = []
+    if path is not None:
+        layers.append(_read_yaml(Path(path)))
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+        try:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"bad override: {_one_line(exc)}") from None
+    for layer in layers:
+        _check_keys(layer, Config, "")
+    try:
+        merged = OmegaConf.merge(schema, *layers)
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe_omegaconf_error(exc)) from None
+    _check_choices(cfg)
+    _check_values(cfg)
+    return cfg
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split("\n")[0].split())
+
+
+def _describe_omegaconf_error(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None) or "?"
+    msg = _one_line(exc)
+    if "Missing mandatory value" in msg:
+        return f"config key `{key}` is required but not set"
+    value = getattr(exc, "value", None)
+    expected = getattr(exc, "ref_type", None) or getattr(exc, "object_type", None)
+    if value is not None:
+        return f"config key `{key}`: value {value!r} ({type(value).__name__}) does not fit the declared type ({msg})"
+    return f"config key `{key}`: {msg}" if expected else f"config error at `{key}`: {msg}"
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (what gets written to the run folder)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def describe_keys(schema: type = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, doc) of every declared key, for the docs and `kontext-lora keys`."""
+    rows = []
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        full = f"{prefix}.{f.name}" if prefix else f.name
+        kind = hints[f.name]
+        item_type = (typing.get_args(kind) or [None])[0]
+        if dataclasses.is_dataclass(kind):
+            rows.extend(describe_keys(kind, full))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        doc = f.metadata.get("doc", "")
+        if f.metadata.get("choices"):
+            doc += f" One of: {', '.join(f.metadata['choices'])}."
+        rows.append((full, getattr(kind, "__name__", str(kind)), default, doc))
+        if dataclasses.is_dataclass(item_type):
+            rows.extend(describe_keys(item_type, f"{full}[]"))
+    return rows

@@ -1,0 +1,73 @@
+"""LoRA injection through PEFT: target presets and the adapter's config/state for saving."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model_state_dict
+
+from kontext_lora.config import LoraConfig
+
+# Module kinds inside the blocks (see ../shared/KONTEXT.md). Presets are anchored regexes over full module names,
+# because a plain suffix `proj_out` would also adapt the model's final projection layer.
+_DOUBLE_ATTENTION = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]  # fmt: skip
+_DOUBLE_MLP = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+_DOUBLE_MOD = ["norm1.linear", "norm1_context.linear"]
+_SINGLE_ATTENTION = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_out"]  # proj_out: attention + MLP output
+_SINGLE_MLP = ["proj_mlp"]
+_SINGLE_MOD = ["norm.linear"]
+
+PRESETS: dict[str, tuple[list[str], list[str]]] = {
+    "attention": (_DOUBLE_ATTENTION, _SINGLE_ATTENTION),
+    "attention_mlp": (_DOUBLE_ATTENTION + _DOUBLE_MLP, _SINGLE_ATTENTION + _SINGLE_MLP),
+    "all": (_DOUBLE_ATTENTION + _DOUBLE_MLP + _DOUBLE_MOD, _SINGLE_ATTENTION + _SINGLE_MLP + _SINGLE_MOD),
+}
+
+
+def _alternation(names: list[str]) -> str:
+    return "|".join(name.replace(".", r"\.") for name in names)
+
+
+def target_modules(cfg: LoraConfig) -> str | list[str]:
+    """PEFT `target_modules`: an anchored regex for a preset, or the explicit suffix list when given."""
+    if cfg.target_modules:
+        return list(cfg.target_modules)
+    double, single = PRESETS[cfg.preset]
+    return (
+        rf"^(transformer_blocks\.\d+\.({_alternation(double)})"
+        rf"|single_transformer_blocks\.\d+\.({_alternation(single)}))$"
+    )
+
+
+def inject_lora(transformer: torch.nn.Module, cfg: LoraConfig, adapter_name: str = "default") -> PeftLoraConfig:
+    """Add a PEFT LoRA adapter to the (frozen) transformer; only LoRA parameters stay trainable, in float32."""
+    peft_config = PeftLoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=target_modules(cfg),
+        init_lora_weights=True if cfg.init_lora_weights == "default" else cfg.init_lora_weights,
+    )
+    transformer.requires_grad_(False)
+    try:
+        transformer.add_adapter(peft_config, adapter_name=adapter_name)  # diffusers' PeftAdapterMixin
+    except ValueError as exc:
+        raise ValueError(f"config key `lora.target_modules`: {str(exc).splitlines()[0]}") from None
+    for param in lora_parameters(transformer):
+        param.data = param.data.float()  # master weights in fp32 even when the base is bf16
+    return peft_config
+
+
+def lora_parameters(transformer: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The trainable LoRA parameters (lora_A / lora_B weights)."""
+    return [p for name, p in transformer.named_parameters() if "lora_" in name and p.requires_grad]
+
+
+def adapter_state(transformer: torch.nn.Module, adapter_name: str = "default") -> tuple[dict, dict[str, Any]]:
+    """(state dict with keys `<module>.lora_A.weight`, PEFT config dict) of the adapter, ready to save."""
+    state = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+    config = transformer.peft_config[adapter_name].to_dict()
+    return state, config

@@ -1,0 +1,164 @@
+"""The embedded tiny FLUX.1-Kontext pipeline: every real component class, random weights, built offline.
+
+It exists so the real loading code (`from_pretrained` on a local diffusers folder) runs end to end with
+nothing downloaded: the example job, the tests and CI all use it. Tokenizers are constructed from a small
+character vocabulary instead of the hub's files.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+
+# Character vocabulary shared by both tokenizers: enough for English captions.
+_CHARS = string.ascii_lowercase + string.digits + ".,!?'-:;()/&"
+
+TINY_TRANSFORMER = dict(
+    patch_size=1,
+    in_channels=64,  # 16 latent channels x 2x2 patch, as in FLUX.1
+    num_layers=2,
+    num_single_layers=2,
+    attention_head_dim=32,
+    num_attention_heads=4,
+    joint_attention_dim=32,
+    pooled_projection_dim=32,
+    guidance_embeds=True,  # Kontext-dev is guidance-distilled
+    axes_dims_rope=(4, 14, 14),
+)
+
+
+def _clip_tokenizer():
+    """A byte-level BPE CLIP tokenizer with a character vocabulary and no merges."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    byte_chars = sorted(ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for ch in byte_chars:
+        vocab.setdefault(ch, len(vocab))
+    for ch in byte_chars:
+        vocab.setdefault(ch + "</w>", len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    tokenizer.model_max_length = 77
+    return tokenizer
+
+
+def _t5_tokenizer():
+    """A Unigram T5 tokenizer over single characters (with and without the word-start marker)."""
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [(c, -3.0) for c in _CHARS] + [("▁" + c, -3.5) for c in _CHARS]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0)
+
+
+def _calibrate_vae(vae, samples: int = 32, size: int = 64) -> None:
+    """Set shift_factor/scaling_factor so latents have mean 0 and std 1, as FLUX.1's constants do for its VAE.
+
+    A random VAE's raw latents have a small spread (std ~0.3); left unnormalised, the image content would be a
+    small fraction of the flow-matching target (noise - x) and the control image would barely matter.
+    Calibrated on smooth random colour images (seeded), so the result is deterministic.
+    """
+    generator = torch.Generator().manual_seed(1234)
+    grid = torch.rand(samples, 3, 4, 4, generator=generator) * 2 - 1
+    images = torch.nn.functional.interpolate(grid, size=(size, size), mode="bicubic", align_corners=False)
+    with torch.no_grad():
+        raw = vae.encode(images.clamp(-1, 1)).latent_dist.mode()
+    vae.register_to_config(shift_factor=round(raw.mean().item(), 6), scaling_factor=round(1.0 / raw.std().item(), 6))
+
+
+def build_tiny_pipeline(seed: int = 0):
+    """Construct a tiny random `FluxKontextPipeline` in memory (float32)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(**TINY_TRANSFORMER)
+    # Four resolution levels keep the real 8x spatial compression, so pixel sizes match the real model's rules.
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=8,
+        sample_size=64,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    _calibrate_vae(vae)
+    tokenizer = _clip_tokenizer()
+    clip_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text_encoder = CLIPTextModel(clip_config)
+    tokenizer_2 = _t5_tokenizer()
+    t5_config = T5Config(
+        vocab_size=len(tokenizer_2),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    text_encoder_2 = T5EncoderModel(t5_config)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256,
+        base_shift=0.5,
+        max_image_seq_len=4096,
+        max_shift=1.15,
+        shift=3.0,
+        use_dynamic_shifting=True,
+    )
+    return FluxKontextPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+
+
+def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:
+    """Build the tiny pipeline and save it in diffusers layout at `directory` (atomically: temp dir, rename)."""
+    import shutil
+    import tempfile
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    pipe = build_tiny_pipeline(seed)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=directory.parent))
+    try:
+        pipe.save_pretrained(tmp)
+        (tmp / "KONTEXT_LORA_TINY.txt").write_text(
+            "Tiny random FLUX.1-Kontext pipeline built by `kontext-lora make-tiny-model` (seed "
+            f"{seed}). Random weights: for tests and examples only.\n"
+        )
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory

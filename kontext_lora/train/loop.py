@@ -1,0 +1,181 @@
+"""The training recipe: config -> data -> model + LoRA -> accelerate loop -> diffusers-format adapter."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from kontext_lora.config import Config, to_dict, to_yaml
+from kontext_lora.data.triples import TripleDataset, discover_triples
+from kontext_lora.export.diffusers_format import WEIGHT_NAME, save_diffusers_lora
+from kontext_lora.model.load import load_pipeline
+from kontext_lora.model.lora import adapter_state, inject_lora, lora_parameters
+from kontext_lora.train.encode import collate_encoded, encode_dataset
+from kontext_lora.train.objective import LatentBatch, flow_matching_loss, sample_sigmas
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for a reason the user can act on; the message says what was saved."""
+
+
+def training_step(
+    transformer: torch.nn.Module, batch: LatentBatch, cfg: Config, generator: torch.Generator
+) -> torch.Tensor:
+    """One micro-batch: draw noise and logit-normal sigmas, return the flow-matching loss (scalar)."""
+    noise = torch.randn(batch.target_latents.shape, generator=generator, device=generator.device)
+    sigmas = sample_sigmas(noise.shape[0], generator, cfg.train.logit_mean, cfg.train.logit_std)
+    return flow_matching_loss(
+        transformer, batch, sigmas.to(batch.target_latents.device), noise.to(batch.target_latents.device),
+        cfg.model.guidance,
+    )  # fmt: skip
+
+
+def _repeat(loader: DataLoader):
+    while True:
+        yield from loader
+
+
+def train(cfg: Config) -> Path:
+    """Run a whole training job from the config; returns the path of the final adapter."""
+    accelerator = _accelerator(cfg)
+    set_seed(cfg.train.seed)
+    out_dir = Path(cfg.output.dir)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(to_yaml(cfg))
+
+    # Data: discover and check every file before any model is loaded, so bad input fails in seconds.
+    triples = [t for ds in cfg.data.datasets for t in discover_triples(ds.path, ds.default_caption)]
+    pixels = TripleDataset(triples, cfg.data.resolution)
+    pixels.verify()
+    accelerator.print(f"[kontext-lora] {len(triples)} triples from {len(cfg.data.datasets)} dataset(s)")
+
+    # Model: encode everything once; afterwards only the transformer is needed on the device.
+    pipe = load_pipeline(cfg.model)
+    pipe.to(accelerator.device)
+    encoded = encode_dataset(pipe, pixels, cfg.model.max_sequence_length, show_progress=accelerator.is_main_process)
+    transformer = pipe.transformer
+    del pipe
+    return fit(cfg, transformer, encoded, accelerator)
+
+
+def _accelerator(cfg: Config) -> Accelerator:
+    return Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation,
+        log_with=None if cfg.logging.report_to == "none" else cfg.logging.report_to,
+        project_dir=cfg.output.dir,
+    )
+
+
+def fit(cfg: Config, transformer: torch.nn.Module, encoded: Dataset, accelerator: Accelerator | None = None) -> Path:
+    """Inject the LoRA into `transformer` and train it on cached encodings; returns the final adapter's path."""
+    accelerator = accelerator or _accelerator(cfg)
+    out_dir = Path(cfg.output.dir)
+    inject_lora(transformer, cfg.lora)
+    if cfg.train.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    params = lora_parameters(transformer)
+
+    loader = DataLoader(
+        encoded, batch_size=cfg.train.batch_size, shuffle=True, collate_fn=collate_encoded,
+        generator=torch.Generator().manual_seed(cfg.train.seed),
+    )  # fmt: skip
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = get_scheduler(
+        cfg.train.scheduler, optimizer, num_warmup_steps=cfg.train.warmup_steps * accelerator.num_processes,
+        num_training_steps=cfg.train.steps * accelerator.num_processes,
+    )  # fmt: skip
+    transformer, optimizer, loader, scheduler = accelerator.prepare(transformer, optimizer, loader, scheduler)
+    if cfg.logging.report_to != "none":
+        wandb = cfg.logging.report_to == "wandb"
+        accelerator.init_trackers(
+            cfg.logging.wandb_project if wandb else "logs", config=_flat_hparams(to_dict(cfg)),
+            init_kwargs={"wandb": {"mode": cfg.logging.wandb_mode, "dir": str(out_dir)}} if wandb else {},
+        )  # fmt: skip
+
+    noise_generator = torch.Generator(device=accelerator.device).manual_seed(
+        cfg.train.seed * 1000 + accelerator.process_index
+    )
+    save = _saver(accelerator, transformer, cfg)
+    batches = _repeat(loader)
+    progress = tqdm(range(cfg.train.steps), desc="training", unit="step", disable=not accelerator.is_main_process)
+    step, loss_sum, micro, tick = 0, 0.0, 0, time.perf_counter()
+    transformer.train()
+    while step < cfg.train.steps:
+        with accelerator.accumulate(transformer):
+            loss = training_step(transformer, next(batches), cfg, noise_generator)
+            if not torch.isfinite(loss):
+                path = save(step, out_dir / f"step-{step:06d}")
+                raise TrainingError(
+                    f"loss is {loss.item()} at step {step + 1} (try a lower train.lr or mixed_precision=no); "
+                    f"the adapter of step {step} was saved to {path}"
+                )
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        loss_sum, micro = loss_sum + loss.detach().float().item(), micro + 1
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        seconds, tick = time.perf_counter() - tick, time.perf_counter()
+        logs = {"loss": loss_sum / micro, "lr": scheduler.get_last_lr()[0], "s_per_step": seconds}
+        loss_sum, micro = 0.0, 0
+        progress.update(1)
+        progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", s_step=f"{seconds:.2f}")
+        if step % cfg.logging.log_every == 0:
+            accelerator.log(logs, step=step)
+        if cfg.output.save_every and step % cfg.output.save_every == 0 and step < cfg.train.steps:
+            save(step, out_dir / f"step-{step:06d}")
+    progress.close()
+    final = save(step, out_dir)
+    accelerator.end_training()
+    accelerator.print(f"[kontext-lora] adapter written to {final}")
+    return final
+
+
+def _saver(accelerator: Accelerator, transformer: torch.nn.Module, cfg: Config):
+    """A function that writes the adapter (diffusers format, atomically) from the main process."""
+
+    def save(step: int, folder: Path) -> Path:
+        path = folder / WEIGHT_NAME
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            state, peft_config = adapter_state(accelerator.unwrap_model(transformer))
+            info = {
+                "base_model": cfg.model.pretrained,
+                "step": step,
+                "rank": cfg.lora.rank,
+                "alpha": cfg.lora.alpha,
+                "targets": peft_config["target_modules"],
+                "resolution": cfg.data.resolution,
+                "config": to_dict(cfg),
+            }
+            save_diffusers_lora(path, {k: v.float() for k, v in state.items()}, peft_config, info)
+        return path
+
+    return save
+
+
+def _flat_hparams(tree: dict, prefix: str = "") -> dict:
+    """Flatten the config for trackers (tensorboard's hparams take scalars only)."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flat_hparams(value, name + "."))
+        elif isinstance(value, (int, float, str, bool)):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
