@@ -1,4 +1,4 @@
-"""`kontext-lora` command line: train | make-tiny-model | infer | keys | export."""
+"""`kontext-lora` command line: train | infer | export | merge | resize | make-tiny-model | keys."""
 
 from __future__ import annotations
 
@@ -7,21 +7,29 @@ import sys
 
 from kontext_lora.config import ConfigError
 
+# Exception types that are the user's to fix: printed as one line, exit code 2, no traceback.
+_USER_ERRORS = {
+    "kontext_lora.data.triples": "DataError",
+    "kontext_lora.model.load": "ModelError",
+    "kontext_lora.train.loop": "TrainingError",
+}
+
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that are the user's to fix: printed as one line, exit code 2, no traceback."""
-    from kontext_lora.data.triples import DataError
-    from kontext_lora.model.load import ModelError
-    from kontext_lora.train.loop import TrainingError
+    """ConfigError plus the user-error types of the modules imported so far (only those can have raised).
 
-    return (ConfigError, DataError, ModelError, TrainingError)
+    Importing them here would cost a config typo seconds of torch/diffusers imports before its one-line error.
+    """
+    found = [getattr(sys.modules[module], name) for module, name in _USER_ERRORS.items() if module in sys.modules]
+    return (ConfigError, *found)
 
 
 def _train(args: argparse.Namespace) -> int:
     from kontext_lora.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # before the heavy imports: a bad config fails at once
     from kontext_lora.train.loop import train
 
-    cfg = load_config(args.config, args.overrides)
     train(cfg)
     return 0
 
@@ -50,6 +58,14 @@ def _keys(args: argparse.Namespace) -> int:
     for key, kind, default, doc in describe_keys():
         print(f"{key:36s} {kind:6s} {default!r:>14}  {doc}")
     return 0
+
+
+# Subcommands with parsers of their own (argv after the command name is handed over whole).
+_DELEGATED = {
+    "export": ("kontext_lora.export.cli", "export_main", "write a LoRA in diffusers / kohya / ComfyUI format"),
+    "merge": ("kontext_lora.export.cli", "merge_main", "fuse LoRAs into the base transformer"),
+    "resize": ("kontext_lora.export.cli", "resize_main", "change a LoRA's rank by SVD"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,10 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("keys", help="list every config key with its type, default and doc")
     p.set_defaults(func=_keys)
+    for name, (_, _, help_text) in _DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in _DELEGATED:
+        import importlib
+
+        module, function, _ = _DELEGATED[argv[0]]
+        return getattr(importlib.import_module(module), function)(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
