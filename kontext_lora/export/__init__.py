@@ -1,0 +1,65 @@
+"""Export and interop: LoRA key formats (diffusers / kohya / ComfyUI, and fal / ai-toolkit on import), merge,
+rank resize, model card. Depends only on kontext_lora.config, safetensors, torch (and diffusers/PEFT inside)."""
+
+from kontext_lora.export.card import model_card, write_model_card
+from kontext_lora.export.cli import export_main, merge_main, resize_main
+from kontext_lora.export.diffusers_format import atomic_save_safetensors, read_lora_file, save_diffusers_lora
+from kontext_lora.export.formats import (
+    EXPORT_FORMATS,
+    IMPORT_FORMATS,
+    Adapter,
+    FormatError,
+    ModuleLora,
+    detect_format,
+    from_any,
+    from_comfyui,
+    from_diffusers,
+    from_fal,
+    from_kohya,
+    read_adapter,
+    to_comfyui,
+    to_diffusers,
+    to_kohya,
+    write_exports,
+    write_format,
+)
+from kontext_lora.export.merge import (
+    ResizeReport,
+    diffusers_to_bfl_state_dict,
+    merge_loras,
+    resize_adapter,
+    save_merged,
+)
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "IMPORT_FORMATS",
+    "Adapter",
+    "FormatError",
+    "ModuleLora",
+    "ResizeReport",
+    "atomic_save_safetensors",
+    "detect_format",
+    "diffusers_to_bfl_state_dict",
+    "export_main",
+    "from_any",
+    "from_comfyui",
+    "from_diffusers",
+    "from_fal",
+    "from_kohya",
+    "merge_loras",
+    "merge_main",
+    "model_card",
+    "read_adapter",
+    "read_lora_file",
+    "resize_adapter",
+    "resize_main",
+    "save_diffusers_lora",
+    "save_merged",
+    "to_comfyui",
+    "to_diffusers",
+    "to_kohya",
+    "write_exports",
+    "write_format",
+    "write_model_card",
+]
