@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 
 class ConfigError(ValueError):
@@ -237,13 +237,17 @@ def _one_line(exc: BaseException) -> str:
 def _describe_omegaconf_error(exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", None) or "?"
     msg = _one_line(exc)
-    if "Missing mandatory value" in msg:
+    if isinstance(exc, MissingMandatoryValue):  # its message says "missing mandatory value" (lower case)
         return f"config key `{key}` is required but not set"
     value = getattr(exc, "value", None)
-    expected = getattr(exc, "ref_type", None) or getattr(exc, "object_type", None)
+    # ref_type is the dataclass holding the key, not the key's own type: look the declared type up there.
+    parent = getattr(exc, "ref_type", None) or getattr(exc, "object_type", None)
+    hints = typing.get_type_hints(parent) if dataclasses.is_dataclass(parent) else {}
+    declared = hints.get(str(getattr(exc, "key", "")))
     if value is not None:
-        return f"config key `{key}`: value {value!r} ({type(value).__name__}) does not fit the declared type ({msg})"
-    return f"config key `{key}`: {msg}" if expected else f"config error at `{key}`: {msg}"
+        kind = f"a valid {declared.__name__}" if isinstance(declared, type) else "of the declared type"
+        return f"config key `{key}`: value {value!r} ({type(value).__name__}) is not {kind} ({msg})"
+    return f"config key `{key}`: {msg}" if parent else f"config error at `{key}`: {msg}"
 
 
 def to_yaml(cfg: Config) -> str:

@@ -1,0 +1,217 @@
+"""Bad input to `kontext-lora train` ends in one line on stderr and exit code 2, never a traceback.
+
+Each case runs the real CLI in a subprocess. Every case fails before training starts, but one that gets past the
+config still pays ~5 s of imports (torch, diffusers, accelerate), so the module fixture starts them all at once
+and each test waits for its own.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 120
+
+
+@dataclass
+class Case:
+    """One CLI run: its command line, and (once finished) its stderr and exit code."""
+
+    argv: list[str]
+    process: subprocess.Popen | None = None
+    stderr: str = ""
+    returncode: int | None = None
+
+    def result(self) -> Case:
+        if self.returncode is None:
+            assert self.process is not None
+            _, self.stderr = self.process.communicate(timeout=TIMEOUT_S)
+            self.returncode = self.process.returncode
+        return self
+
+
+def _png(path: Path, seed: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(32, 48, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def _valid_data(root: Path) -> Path:
+    _png(root / "control" / "a.png", 0)
+    _png(root / "target" / "a.png", 1)
+    (root / "target" / "a.txt").write_text("make it black and white")
+    return root
+
+
+def _config(path: Path, data: Path, pretrained: Path, extra: str = "") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"model:\n  pretrained: {pretrained}\n  build_tiny_if_missing: false\n  dtype: float32\n"
+        f"data:\n  datasets:\n    - path: {data}\n  resolution: 64\n"
+        f"output:\n  dir: {path.parent / 'run'}\n"
+        f"logging:\n  report_to: none\n{extra}"
+    )
+    return path
+
+
+def _module_cli(config: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "kontext_lora.cli", "train", "--config", str(config), *overrides]
+
+
+NO_MODEL = "does-not-exist"  # model.pretrained of every case: a data error must be reported before it
+
+
+def _unknown_key(root: Path) -> list[str]:
+    return _module_cli(_config(root / "job.yaml", _valid_data(root / "data"), root / NO_MODEL, "train:\n  lrr: 1\n"))
+
+
+def _unknown_key_via_train_py(root: Path) -> list[str]:
+    config = _config(root / "job.yaml", _valid_data(root / "data"), root / NO_MODEL)
+    return [sys.executable, "train.py", "--config", str(config), "lora.rnak=8"]
+
+
+def _wrong_type(root: Path) -> list[str]:
+    return _module_cli(
+        _config(root / "job.yaml", _valid_data(root / "data"), root / NO_MODEL, "train:\n  steps: abc\n")
+    )
+
+
+def _missing_config_file(root: Path) -> list[str]:
+    return _module_cli(root / "nowhere" / "job.yaml")
+
+
+def _missing_control(root: Path) -> list[str]:
+    _png(root / "data" / "target" / "a.png", 1)
+    (root / "data" / "control").mkdir()
+    return _module_cli(_config(root / "job.yaml", root / "data", root / NO_MODEL))
+
+
+def _corrupt_image(root: Path) -> list[str]:
+    _png(root / "data" / "control" / "a.png", 0)
+    (root / "data" / "target").mkdir()
+    (root / "data" / "target" / "a.png").write_bytes(np.random.default_rng(2).bytes(4096))
+    return _module_cli(_config(root / "job.yaml", root / "data", root / NO_MODEL))
+
+
+def _empty_data(root: Path) -> list[str]:
+    (root / "data").mkdir()
+    return _module_cli(_config(root / "job.yaml", root / "data", root / NO_MODEL))
+
+
+def _missing_model(root: Path) -> list[str]:
+    return _module_cli(_config(root / "job.yaml", _valid_data(root / "data"), root / NO_MODEL))
+
+
+CASES = {
+    "unknown_key": _unknown_key,
+    "unknown_key_via_train_py": _unknown_key_via_train_py,
+    "wrong_type": _wrong_type,
+    "missing_config_file": _missing_config_file,
+    "missing_control": _missing_control,
+    "corrupt_image": _corrupt_image,
+    "empty_data": _empty_data,
+    "missing_model": _missing_model,
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Case, Path]]:
+    """Build each case's files, start every CLI process at once, and return {name: (case, folder of its files)}."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    cases: dict[str, tuple[Case, Path]] = {}
+    for name, build in CASES.items():
+        root = tmp_path_factory.mktemp(name)
+        case = Case(build(root))
+        case.process = subprocess.Popen(
+            case.argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        cases[name] = (case, root)
+    yield cases
+    for case, _ in cases.values():
+        if case.process is not None and case.process.poll() is None:
+            case.process.kill()
+            case.process.communicate()
+
+
+def _user_error(case: Case) -> str:
+    """Assert the run ended as a user error and return its one-line message (without the prefix)."""
+    case = case.result()
+    assert "Traceback" not in case.stderr, case.stderr
+    assert case.returncode == 2, case.stderr
+    last = [line for line in case.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("kontext-lora: error: "), case.stderr
+    return last.removeprefix("kontext-lora: error: ")
+
+
+def test_unknown_config_key(runs):
+    message = _user_error(runs["unknown_key"][0])
+    assert message.startswith("unknown config key `train.lrr`; did you mean `train.lr`?")
+
+
+def test_unknown_override_key_through_train_py_shim(runs):
+    message = _user_error(runs["unknown_key_via_train_py"][0])
+    assert message.startswith("unknown config key `lora.rnak`; did you mean `lora.rank`?")
+
+
+def test_wrong_type(runs):
+    message = _user_error(runs["wrong_type"][0])
+    assert message.startswith("config key `train.steps`: value 'abc' (str) is not a valid int")
+
+
+def test_missing_config_file(runs):
+    case, root = runs["missing_config_file"]
+    message = _user_error(case)
+    assert message == f"config file not found: {root / 'nowhere' / 'job.yaml'}"
+
+
+def test_missing_control_image(runs):
+    case, root = runs["missing_control"]
+    message = _user_error(case)
+    data = root / "data"
+    assert f"target image {data / 'target' / 'a.png'} has no control image" in message
+    assert str(data / "control" / "a") in message
+
+
+def test_corrupt_image_fails_at_verify_before_the_model_is_loaded(runs):
+    case, root = runs["corrupt_image"]
+    message = _user_error(case)
+    assert message.startswith(f"cannot read image {root / 'data' / 'target' / 'a.png'}")
+    # model.pretrained does not exist and may not be built: reaching the model would have named it instead.
+    assert "model.pretrained" not in case.stderr
+    assert not (root / NO_MODEL).exists()
+
+
+def test_empty_data_folder(runs):
+    case, root = runs["empty_data"]
+    message = _user_error(case)
+    assert message.startswith(f"dataset folder {root / 'data'} has neither metadata.jsonl nor control/ and target/")
+
+
+def test_missing_model_folder(runs):
+    case, root = runs["missing_model"]
+    message = _user_error(case)
+    assert message.startswith(f"config key `model.pretrained`: {root / NO_MODEL} is not a diffusers")
+    assert "model.build_tiny_if_missing=true" in message
+    assert not (root / NO_MODEL).exists()
+
+
+def test_config_error_fails_before_the_heavy_imports(tmp_path: Path):
+    config = _config(tmp_path / "job.yaml", tmp_path / "data", tmp_path / NO_MODEL, "train:\n  steps: abc\n")
+    code = (
+        "import sys\n"
+        "from kontext_lora.cli import main\n"
+        f"assert main(['train', '--config', {str(config)!r}]) == 2\n"
+        "assert 'torch' not in sys.modules, 'a config typo should not wait for torch to import'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().startswith("kontext-lora: error: config key `train.steps`")
