@@ -1,7 +1,7 @@
 """Shared pieces of the export tests: the adapter under test, fixed transformer inputs, and diffusers' loader as oracle.
 
-`make_adapter` is the one place the adapter comes from: today a random one (gaussian A, random B, alpha != rank);
-replace it with a trained adapter and every export test runs against that instead.
+`make_adapter` is the one place the adapter comes from: an adapter trained a few steps on the project's loss
+(alpha != rank).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from kontext_lora.export.diffusers_format import WEIGHT_NAME, save_diffusers_lora
 from kontext_lora.model.tiny import TINY_TRANSFORMER, build_tiny_pipeline
+from kontext_lora.train.objective import LatentBatch, flow_matching_loss
 
 SEED = 0
 INNER = TINY_TRANSFORMER["num_attention_heads"] * TINY_TRANSFORMER["attention_head_dim"]  # 64
@@ -52,18 +53,29 @@ GLOBAL_TARGETS = rf"^({_alternation(GLOBAL_MODULES)})$"
 
 
 def make_adapter(transformer: torch.nn.Module, target_modules: str | list[str] = BLOCK_TARGETS, **config) -> None:
-    """Put the adapter under test on `transformer`, in memory: rank 4, alpha 8 unless `config` says otherwise.
+    """Put the adapter under test on `transformer`: rank 4, alpha 8 unless `config` says otherwise, trained.
 
-    A random stand-in for a trained adapter: gaussian lora_A and lora_B drawn at random (PEFT's init leaves B at
-    zero, which would make every output test pass trivially).
+    Trained for a few AdamW steps on the project's flow-matching loss (random cached-style latents), so every
+    lora_B has moved off PEFT's zero init and the output tests cannot pass trivially.
     """
     settings = dict(r=4, lora_alpha=8, init_lora_weights="gaussian") | config
     transformer.add_adapter(peft.LoraConfig(target_modules=target_modules, **settings))
     generator = torch.Generator().manual_seed(1234)
-    with torch.no_grad():
-        for name, param in transformer.named_parameters():
-            if "lora_B" in name or "lora_magnitude_vector" in name:
-                param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    params = [p for n, p in transformer.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-2)
+    batch = LatentBatch(
+        target_latents=torch.randn(2, 16, 4, 4, generator=generator),
+        control_latents=torch.randn(2, 16, 4, 4, generator=generator),
+        prompt_embeds=torch.randn(2, 8, TINY_TRANSFORMER["joint_attention_dim"], generator=generator),
+        pooled_embeds=torch.randn(2, TINY_TRANSFORMER["pooled_projection_dim"], generator=generator),
+    )
+    for _ in range(5):
+        sigmas, noise = torch.rand(2, generator=generator), torch.randn(2, 16, 4, 4, generator=generator)
+        loss = flow_matching_loss(transformer, batch, sigmas, noise, guidance=1.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    transformer.requires_grad_(False)
 
 
 def transformer_inputs(tokens: int = 16, text_tokens: int = 8) -> dict[str, torch.Tensor]:
