@@ -12,6 +12,7 @@ _USER_ERRORS = {
     "kontext_lora.data.triples": "DataError",
     "kontext_lora.model.load": "ModelError",
     "kontext_lora.train.loop": "TrainingError",
+    "kontext_lora.export.formats": "FormatError",
 }
 
 

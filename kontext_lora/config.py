@@ -101,6 +101,9 @@ class TrainConfig:
 class OutputConfig:
     dir: str = opt("runs/example", "Run folder: adapters, resolved config, logs.")
     save_every: int = opt(0, "Also write the adapter every N steps (0: only at the end).")
+    export_formats: list[str] = opt(
+        [], "Also write these formats (kohya, comfyui) and a model card beside each saved adapter."
+    )
 
 
 @dataclass
@@ -200,6 +203,9 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"config key `data.resolution`: must be a multiple of 16, got {cfg.data.resolution}")
     if not cfg.data.datasets:
         raise ConfigError("config key `data.datasets`: list at least one dataset (each with a `path`)")
+    for fmt in cfg.output.export_formats:
+        if fmt not in ("diffusers", "kohya", "comfyui"):
+            raise ConfigError(f"config key `output.export_formats`: {fmt!r} is not one of diffusers, kohya, comfyui")
     if not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError(f"config key `lora.dropout`: must be in [0, 1), got {cfg.lora.dropout}")
 

@@ -213,6 +213,12 @@ def test_choice_outside_allowed_set_names_them_and_suggests():
     assert "no, bf16, fp16" in message and "did you mean `bf16`?" in message
 
 
+def test_export_formats_are_checked():
+    assert "`output.export_formats`: 'kohyaa' is not one of diffusers, kohya, comfyui" in _error(
+        ["output.export_formats=[comfyui,kohyaa]"]
+    )
+
+
 def test_choice_inside_lora_and_logging():
     assert "attention, attention_mlp, all" in _error(["lora.preset=attn_mlp"])
     assert "`logging.report_to`" in _error(["logging.report_to=tensorbord"])

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from kontext_lora.config import Config, to_dict, to_yaml
 from kontext_lora.data.triples import TripleDataset, discover_triples
 from kontext_lora.export.diffusers_format import WEIGHT_NAME, save_diffusers_lora
+from kontext_lora.export.formats import write_exports
 from kontext_lora.model.load import load_pipeline
 from kontext_lora.model.lora import adapter_state, inject_lora, lora_parameters
 from kontext_lora.train.encode import collate_encoded, encode_dataset
@@ -46,16 +47,17 @@ def train(cfg: Config) -> Path:
     """Run a whole training job from the config; returns the path of the final adapter."""
     accelerator = _accelerator(cfg)
     set_seed(cfg.train.seed)
-    out_dir = Path(cfg.output.dir)
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(to_yaml(cfg))
 
-    # Data: discover and check every file before any model is loaded, so bad input fails in seconds.
+    # Data: discover and check every file before any model is loaded, so bad input fails in seconds
+    # (and leaves no run folder behind).
     triples = [t for ds in cfg.data.datasets for t in discover_triples(ds.path, ds.default_caption)]
     pixels = TripleDataset(triples, cfg.data.resolution)
     pixels.verify()
     accelerator.print(f"[kontext-lora] {len(triples)} triples from {len(cfg.data.datasets)} dataset(s)")
+    out_dir = Path(cfg.output.dir)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(to_yaml(cfg))
 
     # Model: encode everything once; afterwards only the transformer is needed on the device.
     pipe = load_pipeline(cfg.model)
@@ -162,6 +164,9 @@ def _saver(accelerator: Accelerator, transformer: torch.nn.Module, cfg: Config):
                 "config": to_dict(cfg),
             }
             save_diffusers_lora(path, {k: v.float() for k, v in state.items()}, peft_config, info)
+            extra = [fmt for fmt in cfg.output.export_formats if fmt != "diffusers"]
+            if extra:
+                write_exports(path, folder, extra, name=Path(cfg.output.dir).name)
         return path
 
     return save

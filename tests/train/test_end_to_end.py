@@ -44,7 +44,7 @@ def _edit(pipe: FluxKontextPipeline, control: Image.Image) -> torch.Tensor:
 def test_trained_adapter_loads_into_a_fresh_pipeline_and_reproduces_the_trained_model(
     tiny_model_dir: Path, tmp_path: Path, caplog
 ) -> None:
-    cfg = _config(tiny_model_dir, tmp_path / "run")
+    cfg = _config(tiny_model_dir, tmp_path / "run", "output.export_formats=[kohya,comfyui]")
     pipe = load_pipeline(cfg.model)
     pixels = TripleDataset(discover_triples(EXAMPLES), cfg.data.resolution)
     adapter_file = fit(cfg, pipe.transformer, encode_dataset(pipe, pixels, 16, show_progress=False))
@@ -58,6 +58,8 @@ def test_trained_adapter_loads_into_a_fresh_pipeline_and_reproduces_the_trained_
     assert (run / "step-000010" / "pytorch_lora_weights.safetensors").is_file()
     assert list(run.rglob("events.out.tfevents.*"))
     assert not list(run.rglob("*.tmp"))
+    for folder in (run, run / "step-000005"):  # other formats and a model card beside every save
+        assert {"run_kohya.safetensors", "run_comfyui.safetensors", "README.md"} <= {p.name for p in folder.iterdir()}
 
     with safe_open(str(adapter_file), framework="pt") as f:
         saved = {key: f.get_tensor(key) for key in f.keys()}
