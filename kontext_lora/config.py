@@ -74,6 +74,9 @@ class LoraConfig:
     )
     target_modules: list[str] = opt([], "Explicit module-name suffixes to adapt; overrides `preset` when non-empty.")
     init_lora_weights: str = opt("default", "PEFT init of lora_A/B.", ("default", "gaussian"))
+    init_from: str = opt(
+        "", "Start from this LoRA file (ours, diffusers/ai-toolkit, kohya, ComfyUI, fal) instead of a fresh init."
+    )
 
 
 @dataclass

@@ -71,3 +71,19 @@ def adapter_state(transformer: torch.nn.Module, adapter_name: str = "default") -
     state = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
     config = transformer.peft_config[adapter_name].to_dict()
     return state, config
+
+
+def load_adapter_state(transformer: torch.nn.Module, state: dict[str, torch.Tensor], adapter_name: str = "default"):
+    """Copy `<module>.lora_A.weight / lora_B.weight` tensors into the injected adapter; every key must match."""
+    from peft import set_peft_model_state_dict
+
+    expected = set(get_peft_model_state_dict(transformer, adapter_name=adapter_name))
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        first = (missing or unexpected)[0]
+        raise ValueError(
+            f"the LoRA file does not match lora.* targets: {len(missing)} adapted modules missing from the file, "
+            f"{len(unexpected)} not adapted by the config (first: {first})"
+        )
+    result = set_peft_model_state_dict(transformer, state, adapter_name=adapter_name)
+    assert not result.unexpected_keys, result.unexpected_keys

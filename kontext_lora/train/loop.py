@@ -15,9 +15,9 @@ from tqdm.auto import tqdm
 from kontext_lora.config import Config, to_dict, to_yaml
 from kontext_lora.data.triples import TripleDataset, discover_triples
 from kontext_lora.export.diffusers_format import WEIGHT_NAME, save_diffusers_lora
-from kontext_lora.export.formats import write_exports
+from kontext_lora.export.formats import read_adapter, write_exports
 from kontext_lora.model.load import load_pipeline
-from kontext_lora.model.lora import adapter_state, inject_lora, lora_parameters
+from kontext_lora.model.lora import adapter_state, inject_lora, load_adapter_state, lora_parameters
 from kontext_lora.train.encode import collate_encoded, encode_dataset
 from kontext_lora.train.objective import LatentBatch, flow_matching_loss, sample_sigmas
 
@@ -82,6 +82,8 @@ def fit(cfg: Config, transformer: torch.nn.Module, encoded: Dataset, accelerator
     accelerator = accelerator or _accelerator(cfg)
     out_dir = Path(cfg.output.dir)
     inject_lora(transformer, cfg.lora)
+    if cfg.lora.init_from:
+        _init_from_file(transformer, cfg)
     if cfg.train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     params = lora_parameters(transformer)
@@ -144,6 +146,28 @@ def fit(cfg: Config, transformer: torch.nn.Module, encoded: Dataset, accelerator
     accelerator.end_training()
     accelerator.print(f"[kontext-lora] adapter written to {final}")
     return final
+
+
+def _init_from_file(transformer: torch.nn.Module, cfg: Config) -> None:
+    """Load an existing LoRA (any supported format) into the freshly injected adapter.
+
+    lora_B is rescaled so each module's update (alpha / rank) * B @ A equals the file's under this config's alpha.
+    """
+    adapter = read_adapter(cfg.lora.init_from)
+    config_scale = cfg.lora.alpha / cfg.lora.rank
+    state = {}
+    for module, lora in adapter.modules.items():
+        if lora.rank != cfg.lora.rank or lora.extras:
+            raise TrainingError(
+                f"lora.init_from: {cfg.lora.init_from} has rank {lora.rank} at {module} (extras: "
+                f"{sorted(lora.extras) or 'none'}); set lora.rank={lora.rank} and a plain LoRA to continue it"
+            )
+        state[f"{module}.lora_A.weight"] = lora.down.float()
+        state[f"{module}.lora_B.weight"] = lora.up.float() * (lora.scale / config_scale)
+    try:
+        load_adapter_state(transformer, state)
+    except ValueError as exc:
+        raise TrainingError(f"lora.init_from: {cfg.lora.init_from}: {exc}") from None
 
 
 def _saver(accelerator: Accelerator, transformer: torch.nn.Module, cfg: Config):

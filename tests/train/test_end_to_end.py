@@ -98,3 +98,20 @@ def test_train_command_writes_config_and_adapter(tiny_model_dir: Path, tmp_path:
     assert path.is_file()
     resolved = load_config(tmp_path / "run2" / "config.yaml")
     assert resolved == cfg  # the run folder's config reproduces the run
+
+
+def test_training_continues_from_a_kohya_file(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """lora.init_from reads another trainer's format; with lr=0 the continued adapter equals the original."""
+    from kontext_lora.export.formats import write_exports
+
+    first = train(_config(tiny_model_dir, tmp_path / "first", "train.steps=3", "logging.report_to=none"))
+    kohya = write_exports(first, tmp_path / "exported", ["kohya"], name="first", card=False)["kohya"]
+    continued = train(
+        _config(tiny_model_dir, tmp_path / "second", "train.steps=1", "train.lr=0", "lora.alpha=4",
+                f"lora.init_from={kohya}", "logging.report_to=none")
+    )  # fmt: skip
+    with safe_open(str(first), framework="pt") as a, safe_open(str(continued), framework="pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        for key in a.keys():
+            expected = a.get_tensor(key) * (2.0 if "lora_B" in key else 1.0)  # alpha 8 -> 4 at rank 4: B doubles
+            torch.testing.assert_close(b.get_tensor(key), expected, rtol=1e-6, atol=1e-7)
