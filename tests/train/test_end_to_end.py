@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -76,7 +77,8 @@ def test_trained_adapter_loads_into_a_fresh_pipeline_and_reproduces_the_trained_
     base_output = _edit(fresh, control)
     with caplog.at_level(logging.WARNING):
         fresh.load_lora_weights(str(adapter_file), adapter_name="trained")
-    assert not [r for r in caplog.records if "unexpected" in r.getMessage().lower() or "missing" in r.getMessage()]
+    # diffusers / PEFT say "unexpected keys" or "missing keys" when a tensor is not used or not found.
+    assert not [r for r in caplog.records if re.search(r"(unexpected|missing)[_ ]keys", r.getMessage(), re.I)]
 
     # No saved tensor was dropped or left unused: the loaded adapter holds exactly the saved tensors.
     loaded = get_peft_model_state_dict(fresh.transformer, adapter_name="trained")
