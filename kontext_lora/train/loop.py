@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -109,6 +110,9 @@ def fit(cfg: Config, transformer: torch.nn.Module, encoded: Dataset, accelerator
         cfg.train.seed * 1000 + accelerator.process_index
     )
     save = _saver(accelerator, transformer, cfg)
+    if accelerator.is_main_process:  # a fresh run starts a fresh log
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / METRICS_NAME).unlink(missing_ok=True)
     batches = _repeat(loader)
     progress = tqdm(range(cfg.train.steps), desc="training", unit="step", disable=not accelerator.is_main_process)
     step, loss_sum, micro, tick = 0, 0.0, 0, time.perf_counter()
@@ -139,6 +143,8 @@ def fit(cfg: Config, transformer: torch.nn.Module, encoded: Dataset, accelerator
         progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", s_step=f"{seconds:.2f}")
         if step % cfg.logging.log_every == 0:
             accelerator.log(logs, step=step)
+        if accelerator.is_main_process:
+            _append_metrics(out_dir, {"step": step, **logs, "peak_gib": _peak_gib(accelerator.device)})
         if cfg.output.save_every and step % cfg.output.save_every == 0 and step < cfg.train.steps:
             save(step, out_dir / f"step-{step:06d}")
     progress.close()
@@ -146,6 +152,22 @@ def fit(cfg: Config, transformer: torch.nn.Module, encoded: Dataset, accelerator
     accelerator.end_training()
     accelerator.print(f"[kontext-lora] adapter written to {final}")
     return final
+
+
+METRICS_NAME = "metrics.jsonl"
+
+
+def _append_metrics(out_dir: Path, record: dict) -> None:
+    """Append one JSON line to <output.dir>/metrics.jsonl: the run's own log that sweeps and tools read back."""
+    with open(out_dir / METRICS_NAME, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    """Peak memory allocated on the accelerator so far (GiB); None on CPU, where torch does not track it."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return None
 
 
 def _init_from_file(transformer: torch.nn.Module, cfg: Config) -> None:

@@ -59,6 +59,9 @@ def test_trained_adapter_loads_into_a_fresh_pipeline_and_reproduces_the_trained_
     assert (run / "step-000010" / "pytorch_lora_weights.safetensors").is_file()
     assert list(run.rglob("events.out.tfevents.*"))
     assert not list(run.rglob("*.tmp"))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 13))  # one line a step: the run's own log
+    assert all(r["loss"] > 0 and r["s_per_step"] > 0 and r["peak_gib"] is None for r in records)
     for folder in (run, run / "step-000005"):  # other formats and a model card beside every save
         assert {"run_kohya.safetensors", "run_comfyui.safetensors", "README.md"} <= {p.name for p in folder.iterdir()}
 
