@@ -73,9 +73,33 @@ class LoraConfig:
         ("attention", "attention_mlp", "all"),
     )
     target_modules: list[str] = opt([], "Explicit module-name suffixes to adapt; overrides `preset` when non-empty.")
-    init_lora_weights: str = opt("default", "PEFT init of lora_A/B.", ("default", "gaussian"))
+    init_lora_weights: str = opt(
+        "default",
+        "PEFT init (lora): default (kaiming A, zero B), gaussian (normal A, zero B), orthogonal (start off the base: "
+        "B @ A != 0; even rank). LoHa/LoKr use their own PEFT default whatever this says.",
+        ("default", "gaussian", "orthogonal"),
+    )
     init_from: str = opt(
         "", "Start from this LoRA file (ours, diffusers/ai-toolkit, kohya, ComfyUI, fal) instead of a fresh init."
+    )
+    adapter_type: str = opt(
+        "lora",
+        "PEFT adapter kind: lora (also DoRA / rsLoRA through the flags below), loha (Hadamard product), lokr "
+        "(Kronecker product). LoHa/LoKr save with PEFT's own keys (diffusers-format file, no kohya/ComfyUI export).",
+        ("lora", "loha", "lokr"),
+    )
+    use_dora: bool = opt(False, "DoRA: learn a per-output-row magnitude beside the LoRA direction (lora only).")
+    use_rslora: bool = opt(False, "rsLoRA: scale the update by alpha / sqrt(rank) instead of alpha / rank (lora only).")
+    target_regex: str = opt(
+        "", "A regex over full module names (PEFT full match); overrides `preset` and `target_modules` when set."
+    )
+    rank_pattern: dict[str, int] = opt(
+        {},
+        "Per-module ranks {regex: rank} (PEFT rank_pattern; a key must match a whole name or a suffix after a dot), "
+        "e.g. {'single_transformer_blocks.*': 8}.",
+    )
+    alpha_pattern: dict[str, float] = opt(
+        {}, "Per-module alphas: {regex: alpha} (PEFT alpha_pattern), matched as rank_pattern."
     )
 
 
@@ -118,6 +142,62 @@ class LoggingConfig:
 
 
 @dataclass
+class LossConfig:
+    timestep_sampling: str = opt(
+        "logit_normal",
+        "How sigmas are drawn: uniform, logit_normal (train.logit_mean/std), mode (loss.mode_scale), sigmoid "
+        "(sigmoid of N(0, loss.sigmoid_scale)); diffusers' compute_density_for_timestep_sampling.",
+        ("uniform", "logit_normal", "mode", "sigmoid"),
+    )
+    mode_scale: float = opt(1.29, "Scale of the `mode` sampler (SD3's default 1.29; 0 is uniform).")
+    sigmoid_scale: float = opt(1.0, "Std of the normal that the `sigmoid` sampler squashes.")
+    timestep_shift: str = opt(
+        "none",
+        "Shift applied to the drawn sigmas: none; constant (s*sigma/(1+(s-1)*sigma) with s = loss.shift); flux "
+        "(mu from the target token count via the pipeline's calculate_shift, sigma -> e^mu/(e^mu + 1/sigma - 1)).",
+        ("none", "constant", "flux"),
+    )
+    shift: float = opt(3.0, "s of timestep_shift=constant (>1 moves sigmas towards noise).")
+    weighting: str = opt(
+        "none",
+        "Per-sample loss weight by sigma (diffusers' compute_loss_weighting_for_sd3).",
+        ("none", "sigma_sqrt", "cosmap"),
+    )
+    type: str = opt("mse", "Element-wise loss between predicted and true velocity.", ("mse", "l1", "huber"))
+    huber_delta: float = opt(1.0, "Delta of the Huber loss: quadratic below it, linear above.")
+    mask_outside_weight: float = opt(
+        0.0, "Weight of target tokens outside a triple's loss mask (inside weighs 1); used where masks are given."
+    )
+    edit_weighting: bool = opt(
+        False,
+        "Weight each target token by its latent change |target - control| (normalised per sample to [floor, 1]), so "
+        "a small local edit is not drowned by the unchanged pixels.",
+    )
+    edit_floor: float = opt(0.1, "Lowest token weight of edit_weighting (the weight of unchanged tokens).")
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = opt(
+        "adamw",
+        "adamw (torch, fused kernel where the device has one), adamw8bit (bitsandbytes), prodigy (prodigyopt; set "
+        "train.lr=1.0), adafactor (torch.optim.Adafactor). Learning rate and weight decay: train.lr, "
+        "train.weight_decay.",
+        ("adamw", "adamw8bit", "prodigy", "adafactor"),
+    )
+    betas: list[float] = opt([0.9, 0.999], "Adam betas (adamw, adamw8bit, prodigy).")
+    eps: float = opt(1e-8, "Adam epsilon (adamw, adamw8bit, prodigy).")
+    fused: bool = opt(True, "Use torch's fused AdamW kernel when every parameter's device supports it.")
+    min_8bit_size: int = opt(4096, "adamw8bit: tensors with fewer elements keep 32-bit state (bitsandbytes).")
+    prodigy_d_coef: float = opt(1.0, "Prodigy's d_coef: multiplies the estimated step size.")
+    prodigy_safeguard_warmup: bool = opt(False, "Prodigy's safeguard_warmup (recommended with a warm-up).")
+    nonfinite_limit: int = opt(
+        5,
+        "A NaN/inf loss skips its optimizer step with a warning; this many in a row save the adapter and stop.",
+    )
+
+
+@dataclass
 class Config:
     model: ModelConfig = opt(ModelConfig(), "The base model.")
     data: DataConfig = opt(DataConfig(), "Training data.")
@@ -125,6 +205,8 @@ class Config:
     train: TrainConfig = opt(TrainConfig(), "Optimisation.")
     output: OutputConfig = opt(OutputConfig(), "Where results go.")
     logging: LoggingConfig = opt(LoggingConfig(), "Metrics logging.")
+    loss: LossConfig = opt(LossConfig(), "Sigma sampling, loss weighting and region-aware loss.")
+    optim: OptimConfig = opt(OptimConfig(), "Optimizer and the non-finite loss guard.")
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -211,6 +293,45 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(f"config key `output.export_formats`: {fmt!r} is not one of diffusers, kohya, comfyui")
     if not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError(f"config key `lora.dropout`: must be in [0, 1), got {cfg.lora.dropout}")
+    _check_training_features(cfg)
+
+
+def _check_training_features(cfg: Config) -> None:
+    """Ranges of the loss / optim / adapter keys, and adapter kinds the requested exports cannot hold."""
+    if not 0.0 <= cfg.loss.edit_floor <= 1.0:
+        raise ConfigError(f"config key `loss.edit_floor`: must be in [0, 1], got {cfg.loss.edit_floor}")
+    if not 0.0 <= cfg.loss.mask_outside_weight <= 1.0:
+        raise ConfigError(
+            f"config key `loss.mask_outside_weight`: must be in [0, 1], got {cfg.loss.mask_outside_weight}"
+        )
+    for key, value in {"loss.shift": cfg.loss.shift, "loss.huber_delta": cfg.loss.huber_delta,
+                       "loss.sigmoid_scale": cfg.loss.sigmoid_scale, "optim.nonfinite_limit": cfg.optim.nonfinite_limit,
+                       "train.logit_std": cfg.train.logit_std}.items():  # fmt: skip
+        if value <= 0:
+            raise ConfigError(f"config key `{key}`: must be > 0, got {value}")
+    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        raise ConfigError(f"config key `optim.betas`: two values in [0, 1), got {list(cfg.optim.betas)}")
+    kind = cfg.lora.adapter_type
+    if kind != "lora" and (cfg.lora.use_dora or cfg.lora.use_rslora or cfg.lora.init_lora_weights != "default"):
+        raise ConfigError(
+            f"config key `lora.adapter_type`: {kind} has no use_dora / use_rslora / init_lora_weights; "
+            "leave them at their defaults or use adapter_type=lora"
+        )
+    if cfg.lora.init_lora_weights == "orthogonal" and cfg.lora.rank % 2:
+        raise ConfigError(
+            f"config key `lora.init_lora_weights`: orthogonal needs an even lora.rank, got {cfg.lora.rank}"
+        )
+    if kind != "lora" and cfg.lora.dropout:
+        raise ConfigError(f"config key `lora.dropout`: LoRA's input dropout; {kind} has none, leave it at 0")
+    if kind != "lora" and cfg.lora.init_from:
+        raise ConfigError(f"config key `lora.init_from`: continuing from a file needs adapter_type=lora, not {kind}")
+    unsupported = "LoHa/LoKr" if kind != "lora" else "DoRA" if cfg.lora.use_dora else ""
+    bfl = [fmt for fmt in cfg.output.export_formats if fmt in ("kohya", "comfyui")]
+    if unsupported and bfl:
+        raise ConfigError(
+            f"config key `output.export_formats`: {bfl[0]} cannot hold {unsupported} adapters; "
+            "drop it (the diffusers-format file holds them)"
+        )
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

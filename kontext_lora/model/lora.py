@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
+from peft import LoHaConfig, LoKrConfig, PeftConfig, get_peft_model_state_dict
 from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model_state_dict
 
 from kontext_lora.config import LoraConfig
+
+_ADAPTER_PARAM = re.compile(r"\.(lora_|hada_|lokr_)")
 
 # Module kinds inside the blocks (see ../shared/KONTEXT.md). Presets are anchored regexes over full module names,
 # because a plain suffix `proj_out` would also adapt the model's final projection layer.
@@ -32,7 +35,9 @@ def _alternation(names: list[str]) -> str:
 
 
 def target_modules(cfg: LoraConfig) -> str | list[str]:
-    """PEFT `target_modules`: an anchored regex for a preset, or the explicit suffix list when given."""
+    """PEFT `target_modules`: the explicit regex, else the explicit suffix list, else an anchored preset regex."""
+    if cfg.target_regex:
+        return cfg.target_regex
     if cfg.target_modules:
         return list(cfg.target_modules)
     double, single = PRESETS[cfg.preset]
@@ -42,28 +47,44 @@ def target_modules(cfg: LoraConfig) -> str | list[str]:
     )
 
 
-def inject_lora(transformer: torch.nn.Module, cfg: LoraConfig, adapter_name: str = "default") -> PeftLoraConfig:
-    """Add a PEFT LoRA adapter to the (frozen) transformer; only LoRA parameters stay trainable, in float32."""
-    peft_config = PeftLoraConfig(
+def peft_config(cfg: LoraConfig) -> PeftConfig:
+    """The PEFT config of `lora.adapter_type`: LoraConfig (with DoRA / rsLoRA / init), LoHaConfig or LoKrConfig."""
+    common = dict(
         r=cfg.rank,
+        target_modules=target_modules(cfg),
+        rank_pattern=dict(cfg.rank_pattern),
+        alpha_pattern={key: float(value) for key, value in cfg.alpha_pattern.items()},
+    )
+    if cfg.adapter_type == "loha":
+        return LoHaConfig(alpha=cfg.alpha, **common)
+    if cfg.adapter_type == "lokr":
+        return LoKrConfig(alpha=cfg.alpha, **common)
+    return PeftLoraConfig(
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=target_modules(cfg),
+        use_dora=cfg.use_dora,
+        use_rslora=cfg.use_rslora,
         init_lora_weights=True if cfg.init_lora_weights == "default" else cfg.init_lora_weights,
+        **common,
     )
+
+
+def inject_lora(transformer: torch.nn.Module, cfg: LoraConfig, adapter_name: str = "default") -> PeftConfig:
+    """Add the PEFT adapter of `cfg` to the (frozen) transformer; only adapter parameters stay trainable, in float32."""
+    peft_config_ = peft_config(cfg)
     transformer.requires_grad_(False)
     try:
-        transformer.add_adapter(peft_config, adapter_name=adapter_name)  # diffusers' PeftAdapterMixin
+        transformer.add_adapter(peft_config_, adapter_name=adapter_name)  # diffusers' PeftAdapterMixin
     except ValueError as exc:
         raise ValueError(f"config key `lora.target_modules`: {str(exc).splitlines()[0]}") from None
     for param in lora_parameters(transformer):
         param.data = param.data.float()  # master weights in fp32 even when the base is bf16
-    return peft_config
+    return peft_config_
 
 
 def lora_parameters(transformer: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The trainable LoRA parameters (lora_A / lora_B weights)."""
-    return [p for name, p in transformer.named_parameters() if "lora_" in name and p.requires_grad]
+    """The trainable adapter parameters: lora_A / lora_B (+ DoRA's lora_magnitude_vector), LoHa hada_*, LoKr lokr_*."""
+    return [p for name, p in transformer.named_parameters() if p.requires_grad and _ADAPTER_PARAM.search(name)]
 
 
 def adapter_state(transformer: torch.nn.Module, adapter_name: str = "default") -> tuple[dict, dict[str, Any]]:
@@ -87,3 +108,14 @@ def load_adapter_state(transformer: torch.nn.Module, state: dict[str, torch.Tens
         )
     result = set_peft_model_state_dict(transformer, state, adapter_name=adapter_name)
     assert not result.unexpected_keys, result.unexpected_keys
+
+
+def load_adapter_file(transformer: torch.nn.Module, path, adapter_name: str = "default") -> None:
+    """Load a file the trainer saved (`transformer.<PEFT key>` tensors, any adapter type) into the injected adapter.
+
+    The transformer must carry an adapter of the same config (`inject_lora`); every key must match.
+    """
+    from safetensors.torch import load_file
+
+    state = {key.removeprefix("transformer."): value for key, value in load_file(str(path)).items()}
+    load_adapter_state(transformer, state, adapter_name)

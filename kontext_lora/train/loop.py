@@ -21,6 +21,7 @@ from kontext_lora.model.load import load_pipeline
 from kontext_lora.model.lora import adapter_state, inject_lora, load_adapter_state, lora_parameters
 from kontext_lora.train.encode import collate_encoded, encode_dataset
 from kontext_lora.train.objective import LatentBatch, flow_matching_loss, sample_sigmas
+from kontext_lora.train.optim import NonFiniteGuard, build_optimizer
 
 
 class TrainingError(RuntimeError):
@@ -30,12 +31,14 @@ class TrainingError(RuntimeError):
 def training_step(
     transformer: torch.nn.Module, batch: LatentBatch, cfg: Config, generator: torch.Generator
 ) -> torch.Tensor:
-    """One micro-batch: draw noise and logit-normal sigmas, return the flow-matching loss (scalar)."""
+    """One micro-batch: draw noise and sigmas (cfg.loss) from `generator` only, return the loss (scalar)."""
     noise = torch.randn(batch.target_latents.shape, generator=generator, device=generator.device)
-    sigmas = sample_sigmas(noise.shape[0], generator, cfg.train.logit_mean, cfg.train.logit_std)
+    target_tokens = (noise.shape[-2] // 2) * (noise.shape[-1] // 2)  # the flux shift's mu counts target tokens
+    sigmas = sample_sigmas(noise.shape[0], generator, cfg.train.logit_mean, cfg.train.logit_std, loss=cfg.loss,
+                           target_tokens=target_tokens)  # fmt: skip
     return flow_matching_loss(
         transformer, batch, sigmas.to(batch.target_latents.device), noise.to(batch.target_latents.device),
-        cfg.model.guidance,
+        cfg.model.guidance, cfg.loss,
     )  # fmt: skip
 
 
@@ -93,7 +96,7 @@ def fit(cfg: Config, transformer: torch.nn.Module, encoded: Dataset, accelerator
         encoded, batch_size=cfg.train.batch_size, shuffle=True, collate_fn=collate_encoded,
         generator=torch.Generator().manual_seed(cfg.train.seed),
     )  # fmt: skip
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = build_optimizer(params, cfg)
     scheduler = get_scheduler(
         cfg.train.scheduler, optimizer, num_warmup_steps=cfg.train.warmup_steps * accelerator.num_processes,
         num_training_steps=cfg.train.steps * accelerator.num_processes,
@@ -110,6 +113,7 @@ def fit(cfg: Config, transformer: torch.nn.Module, encoded: Dataset, accelerator
         cfg.train.seed * 1000 + accelerator.process_index
     )
     save = _saver(accelerator, transformer, cfg)
+    guard = NonFiniteGuard(cfg.optim.nonfinite_limit)
     if accelerator.is_main_process:  # a fresh run starts a fresh log
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / METRICS_NAME).unlink(missing_ok=True)
@@ -120,11 +124,15 @@ def fit(cfg: Config, transformer: torch.nn.Module, encoded: Dataset, accelerator
     while step < cfg.train.steps:
         with accelerator.accumulate(transformer):
             loss = training_step(transformer, next(batches), cfg, noise_generator)
-            if not torch.isfinite(loss):
+            if guard.skip(loss, accelerator, step):
+                for param in params:  # drop this step's gradients (the wrapped optimizer zeroes only at sync)
+                    param.grad = None
+                if not guard.exhausted:
+                    continue
                 path = save(step, out_dir / f"step-{step:06d}")
                 raise TrainingError(
-                    f"loss is {loss.item()} at step {step + 1} (try a lower train.lr or mixed_precision=no); "
-                    f"the adapter of step {step} was saved to {path}"
+                    f"loss is {loss.item()} at step {step + 1}, {guard.in_a_row} non-finite in a row (try a lower "
+                    f"train.lr or mixed_precision=no); the adapter of step {step} was saved to {path}"
                 )
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:

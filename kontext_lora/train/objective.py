@@ -1,18 +1,29 @@
 """The rectified-flow objective of FLUX.1-Kontext, on already-encoded latents.
 
-noisy = (1 - sigma) * x + sigma * noise, the model predicts the velocity noise - x, and the MSE is taken over the
+noisy = (1 - sigma) * x + sigma * noise, the model predicts the velocity noise - x, and the loss is taken over the
 target tokens only (the control tokens are context, not predicted). The timestep passed to the transformer is
 sigma itself, as the pipeline passes t / 1000.
+
+Sigma sampling (`sample_sigmas`), the per-sample sigma weighting, the element-wise loss (MSE / L1 / Huber) and the
+region weights of target tokens (`token_weights`: loss mask, edit-region weighting) are configured by `LossConfig`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
+from kontext_lora.config import LossConfig
 from kontext_lora.model.kontext import kontext_inputs, pack_latents
+
+# The scheduler config of FLUX.1-Kontext-dev (FlowMatchEulerDiscreteScheduler), which the pipeline feeds to
+# calculate_shift at inference: mu grows linearly from 0.5 at 256 target tokens to 1.15 at 4096.
+FLUX_SHIFT_ARGS = dict(base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15)
 
 
 @dataclass
@@ -23,17 +34,52 @@ class LatentBatch:
     control_latents: torch.Tensor  # (B, 16, h', w') normalised VAE latents of the input image
     prompt_embeds: torch.Tensor  # (B, L, 4096) T5 sequence
     pooled_embeds: torch.Tensor  # (B, 768) CLIP pooled
+    loss_mask: torch.Tensor | None = None  # (B, 1, h, w) in [0, 1] at latent resolution
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> LatentBatch:
-        return LatentBatch(*(t.to(device=device, dtype=dtype) for t in vars(self).values()))
+        return LatentBatch(*(None if t is None else t.to(device=device, dtype=dtype) for t in vars(self).values()))
 
 
 def sample_sigmas(
-    batch_size: int, generator: torch.Generator, mean: float = 0.0, std: float = 1.0, device=None
+    batch_size: int,
+    generator: torch.Generator,
+    mean: float = 0.0,
+    std: float = 1.0,
+    device=None,
+    *,
+    loss: LossConfig | None = None,
+    target_tokens: int | None = None,
 ) -> torch.Tensor:
-    """Logit-normal sigmas (B,) in (0, 1): sigmoid of N(mean, std) (SD3 / FLUX training)."""
-    normal = torch.randn(batch_size, generator=generator, device=generator.device)
-    return torch.sigmoid(mean + std * normal).to(device)
+    """Training sigmas (B,) in (0, 1], drawn from `generator` only (so a resumed run draws the same ones).
+
+    Without `loss`: logit-normal, sigmoid of N(mean, std) (SD3 / FLUX training). With it: its timestep_sampling
+    (mean / std are the logit-normal's), then its timestep_shift; `target_tokens` (h/2 * w/2) sets the flux shift.
+    """
+    loss = loss or LossConfig()
+    scheme, logit_mean, logit_std = loss.timestep_sampling, mean, std
+    if scheme == "sigmoid":  # kohya / ai-toolkit's "sigmoid": a logit-normal centred at 0 with std = scale
+        scheme, logit_mean, logit_std = "logit_normal", 0.0, loss.sigmoid_scale
+    sigmas = compute_density_for_timestep_sampling(
+        scheme, batch_size, logit_mean, logit_std, loss.mode_scale, device=generator.device, generator=generator
+    )
+    sigmas = sigmas.clamp(1e-3, 1.0)  # uniform can draw exactly 0; sigma_sqrt weighting is 1/sigma^2
+    if loss.timestep_shift == "constant":  # FlowMatchEulerDiscreteScheduler's static shift
+        sigmas = loss.shift * sigmas / (1 + (loss.shift - 1) * sigmas)
+    elif loss.timestep_shift == "flux":
+        if target_tokens is None:
+            raise ValueError("timestep_shift=flux needs the number of target tokens")
+        mu = calculate_shift(target_tokens, **FLUX_SHIFT_ARGS)
+        sigmas = flux_time_shift(mu, sigmas)
+    return sigmas.to(device)
+
+
+def flux_time_shift(mu: float, sigmas: torch.Tensor) -> torch.Tensor:
+    """The scheduler's exponential time shift (sigma exponent 1): e^mu / (e^mu + 1/sigma - 1), sigmas (B,).
+
+    Written out because diffusers has it only as a method of a scheduler instance (`time_shift`); the test checks
+    both agree.
+    """
+    return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
 
 
 def predict_velocity(
@@ -61,15 +107,64 @@ def predict_velocity(
 
 
 def flow_matching_loss(
-    transformer: torch.nn.Module, batch: LatentBatch, sigmas: torch.Tensor, noise: torch.Tensor, guidance: float
+    transformer: torch.nn.Module,
+    batch: LatentBatch,
+    sigmas: torch.Tensor,
+    noise: torch.Tensor,
+    guidance: float,
+    loss: LossConfig | None = None,
 ) -> torch.Tensor:
-    """Scalar MSE between the predicted and true velocity (noise - x) over the target tokens, in float32.
+    """Scalar loss between the predicted and true velocity (noise - x) over the target tokens, in float32.
 
-    sigmas (B,), noise (B, 16, h, w) like batch.target_latents.
+    sigmas (B,), noise (B, 16, h, w) like batch.target_latents. Without `loss`: the plain MSE. With it: its
+    element-wise loss, weighted per sample by sigma (`weighting`) and per token by `token_weights`, as a weighted
+    mean over each sample's tokens.
     """
+    loss = loss or LossConfig()
     latents = batch.target_latents.float()
     sigma = sigmas.float().view(-1, 1, 1, 1)
     noisy_latents = (1.0 - sigma) * latents + sigma * noise.float()  # (B, 16, h, w)
-    prediction = predict_velocity(transformer, batch, noisy_latents, sigmas, guidance)  # (B, N_t, 64)
+    prediction = predict_velocity(transformer, batch, noisy_latents, sigmas, guidance).float()  # (B, N_t, 64)
     velocity = pack_latents(noise.float() - latents)  # (B, N_t, 64)
-    return F.mse_loss(prediction.float(), velocity)
+    if loss.type == "mse":
+        elementwise = (prediction - velocity) ** 2
+    elif loss.type == "l1":
+        elementwise = (prediction - velocity).abs()
+    else:
+        elementwise = F.huber_loss(prediction, velocity, reduction="none", delta=loss.huber_delta)
+    per_token = elementwise.mean(dim=-1)  # (B, N_t)
+    weights = token_weights(batch, loss)  # (B, N_t) or None
+    if weights is None:
+        per_sample = per_token.mean(dim=1)
+    else:  # a weighted mean over each sample's tokens: the loss scale does not depend on how much is weighted
+        per_sample = (weights * per_token).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-8)
+    sigma_weights = compute_loss_weighting_for_sd3(loss.weighting, sigmas.float())  # (B,)
+    return (sigma_weights * per_sample).mean()
+
+
+def token_weights(batch: LatentBatch, loss: LossConfig) -> torch.Tensor | None:
+    """Region weight of each target token (B, N_t), or None when every token weighs the same.
+
+    Loss mask: inside 1, outside loss.mask_outside_weight (a token's mask value is the mean over its 2x2 latent
+    patch). Edit weighting: floor + (1 - floor) * d / max(d), d a token's mean |target - control| latent change (the
+    control resized to the target's grid when their sizes differ). Both present: their product.
+    """
+    weights = None
+    target = batch.target_latents.float()  # (B, 16, h, w)
+    if batch.loss_mask is not None:
+        if batch.loss_mask.shape[-2:] != target.shape[-2:] or batch.loss_mask.shape[1] != 1:
+            raise ValueError(
+                f"loss_mask has shape {tuple(batch.loss_mask.shape)}; expected (B, 1, {target.shape[-2]}, "
+                f"{target.shape[-1]}), the target latents' grid"
+            )
+        inside = pack_latents(batch.loss_mask.float()).mean(dim=-1)  # (B, N_t)
+        weights = loss.mask_outside_weight + (1.0 - loss.mask_outside_weight) * inside
+    if loss.edit_weighting:
+        control = batch.control_latents.float()
+        if control.shape[-2:] != target.shape[-2:]:
+            control = F.interpolate(control, size=target.shape[-2:], mode="bilinear", align_corners=False)
+        change = pack_latents((target - control).abs()).mean(dim=-1)  # (B, N_t)
+        relative = change / change.amax(dim=1, keepdim=True).clamp_min(1e-8)
+        edit = loss.edit_floor + (1.0 - loss.edit_floor) * relative
+        weights = edit if weights is None else weights * edit
+    return weights
