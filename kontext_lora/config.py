@@ -181,7 +181,7 @@ class OptimConfig:
     optimizer: str = opt(
         "adamw",
         "adamw (torch, fused kernel where the device has one), adamw8bit (bitsandbytes), prodigy (prodigyopt; set "
-        "train.lr=1.0), adafactor (torch.optim.Adafactor). Learning rate and weight decay: train.lr, "
+        "train.lr=1.0), adafactor (transformers' Adafactor at a fixed lr). Learning rate and weight decay: train.lr, "
         "train.weight_decay.",
         ("adamw", "adamw8bit", "prodigy", "adafactor"),
     )

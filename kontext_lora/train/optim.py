@@ -1,8 +1,8 @@
 """The optimizer (`optim.optimizer`) and the guard against non-finite losses.
 
-Every optimizer comes from a library: torch (AdamW, Adafactor), bitsandbytes (AdamW8bit), prodigyopt (Prodigy).
-The last two are optional extras (`pip install kontext-lora[optim]`); asking for one that is not installed fails
-at the start of training with a ConfigError naming the key and the package.
+Every optimizer comes from a library: torch (AdamW), transformers (Adafactor), bitsandbytes (AdamW8bit),
+prodigyopt (Prodigy). The last two are optional extras (`pip install kontext-lora[optim]`); asking for one that is
+not installed fails at the start of training with a ConfigError naming the key and the package.
 """
 
 from __future__ import annotations
@@ -36,7 +36,13 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: Config) -> torch.opti
             safeguard_warmup=optim.prodigy_safeguard_warmup,
         )  # fmt: skip
     if name == "adafactor":
-        return torch.optim.Adafactor(params, lr=lr, weight_decay=weight_decay)
+        # transformers' Adafactor with a fixed lr, not torch.optim.Adafactor: torch's always scales each update by
+        # the parameter's RMS, so a zero-initialised lora_B barely moves; scale_parameter=False turns that off.
+        from transformers.optimization import Adafactor
+
+        return Adafactor(
+            params, lr=lr, weight_decay=weight_decay, scale_parameter=False, relative_step=False, warmup_init=False
+        )
     raise ConfigError(f"config key `optim.optimizer`: unknown optimizer {name!r}")
 
 
