@@ -79,8 +79,12 @@ def test_loss_mask_weights_inside_one_and_outside_the_configured_weight(transfor
     # A mask that covers everything gives the plain loss back.
     full = LatentBatch(*list(vars(batch).values())[:4], torch.ones(3, 1, 8, 8))
     with torch.no_grad():
-        torch.testing.assert_close(flow_matching_loss(transformer, full, SIGMAS, noise, 1.0, cfg),
-                                   flow_matching_loss(transformer, full, SIGMAS, noise, 1.0), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(
+            flow_matching_loss(transformer, full, SIGMAS, noise, 1.0, cfg),
+            flow_matching_loss(transformer, full, SIGMAS, noise, 1.0),
+            rtol=1e-6,
+            atol=1e-7,
+        )
 
 
 def test_edit_weighting_puts_full_weight_on_the_changed_tokens_and_the_floor_elsewhere() -> None:

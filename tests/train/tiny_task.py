@@ -48,7 +48,8 @@ def encoded_pair(model_dir: str, work_dir: str, resolution: int = RESOLUTION) ->
     def encode(folder: Path) -> EncodedDataset:
         return encode_dataset(pipe, TripleDataset(discover_triples(folder), resolution), 8, show_progress=False)
 
-    return encode(write_images(root / "train", 64, 0, resolution)), encode(write_images(root / "heldout", 16, 1, resolution))
+    train = encode(write_images(root / "train", 64, 0, resolution))
+    return train, encode(write_images(root / "heldout", 16, 1, resolution))
 
 
 def negated(encoded: EncodedDataset) -> EncodedDataset:
