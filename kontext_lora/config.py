@@ -76,8 +76,9 @@ class LoraConfig:
     init_lora_weights: str = opt(
         "default",
         "PEFT init (lora): default (kaiming A, zero B), gaussian (normal A, zero B), orthogonal (start off the base: "
-        "B @ A != 0; even rank). LoHa/LoKr use their own PEFT default whatever this says.",
-        ("default", "gaussian", "orthogonal"),
+        "B @ A != 0; even rank), pissa (top singular vectors) / olora (QR): these move s*B0@A0 out of the base weight "
+        "and save as the equivalent rank-2r LoRA on the original base.",
+        ("default", "gaussian", "orthogonal", "pissa", "olora"),
     )
     init_from: str = opt(
         "", "Start from this LoRA file (ours, diffusers/ai-toolkit, kohya, ComfyUI, fal) instead of a fresh init."
@@ -323,6 +324,11 @@ def _check_training_features(cfg: Config) -> None:
         )
     if kind != "lora" and cfg.lora.dropout:
         raise ConfigError(f"config key `lora.dropout`: LoRA's input dropout; {kind} has none, leave it at 0")
+    if cfg.lora.init_lora_weights in ("pissa", "olora") and (cfg.lora.use_dora or cfg.lora.init_from):
+        raise ConfigError(
+            f"config key `lora.init_lora_weights`: {cfg.lora.init_lora_weights} rewrites the base weights, which "
+            "DoRA's magnitudes and lora.init_from assume unchanged; use default or gaussian with them"
+        )
     if kind != "lora" and cfg.lora.init_from:
         raise ConfigError(f"config key `lora.init_from`: continuing from a file needs adapter_type=lora, not {kind}")
     unsupported = "LoHa/LoKr" if kind != "lora" else "DoRA" if cfg.lora.use_dora else ""

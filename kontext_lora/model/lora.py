@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -12,6 +13,9 @@ from peft import LoraConfig as PeftLoraConfig
 from kontext_lora.config import LoraConfig
 
 _ADAPTER_PARAM = re.compile(r"\.(lora_|hada_|lokr_)")
+# Inits that move part of the base weight into the adapter; their initial adapter is kept to save a plain LoRA.
+BASE_MUTATING_INITS = ("pissa", "olora")
+_INITIAL_STATE = "_kontext_lora_initial_adapter"
 
 # Module kinds inside the blocks (see ../shared/KONTEXT.md). Presets are anchored regexes over full module names,
 # because a plain suffix `proj_out` would also adapt the model's final projection layer.
@@ -79,6 +83,9 @@ def inject_lora(transformer: torch.nn.Module, cfg: LoraConfig, adapter_name: str
         raise ValueError(f"config key `lora.target_modules`: {str(exc).splitlines()[0]}") from None
     for param in lora_parameters(transformer):
         param.data = param.data.float()  # master weights in fp32 even when the base is bf16
+    if cfg.adapter_type == "lora" and cfg.init_lora_weights in BASE_MUTATING_INITS:
+        initial = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+        setattr(transformer, _INITIAL_STATE, {key: value.detach().clone() for key, value in initial.items()})
     return peft_config_
 
 
@@ -88,10 +95,47 @@ def lora_parameters(transformer: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def adapter_state(transformer: torch.nn.Module, adapter_name: str = "default") -> tuple[dict, dict[str, Any]]:
-    """(state dict with keys `<module>.lora_A.weight`, PEFT config dict) of the adapter, ready to save."""
+    """(state dict with keys `<module>.lora_A.weight`, PEFT config dict) of the adapter, ready to save.
+
+    For a PiSSA / OLoRA adapter this is the equivalent plain LoRA on the ORIGINAL base weights (see
+    `_as_plain_lora`), so the file works wherever a LoRA does; it does not load back into a PiSSA-injected model.
+    """
     state = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
     config = transformer.peft_config[adapter_name].to_dict()
+    initial = getattr(transformer, _INITIAL_STATE, None)
+    if initial is not None:
+        state, config = _as_plain_lora(state, config, initial)
     return state, config
+
+
+def _as_plain_lora(
+    state: dict[str, torch.Tensor], config: dict[str, Any], initial: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """PiSSA / OLoRA -> LoRA on the original base, as PEFT's `subtract_mutated_init` does for `save_pretrained`.
+
+    Those inits move s * B0 @ A0 out of the base weight (W_res = W - s B0 A0), so the trained model is
+    W_res + s B A = W + s (B A - B0 A0) = W + s [B | -B0] @ [A ; A0]: rank 2r, and alpha scaled so the scale s
+    (alpha / r, or alpha / sqrt(r) with rsLoRA) is unchanged. Written here because PEFT does this only inside
+    `PeftModel.save_pretrained`, which writes PEFT's own file layout rather than diffusers'.
+    """
+    factor = math.sqrt(2.0) if config.get("use_rslora") else 2.0
+    converted = {}
+    for key, value in state.items():
+        if key.endswith("lora_A.weight"):
+            converted[key] = torch.cat([value, initial[key].to(value)], dim=0)
+        elif key.endswith("lora_B.weight"):
+            converted[key] = torch.cat([value, -initial[key].to(value)], dim=1)
+        else:
+            converted[key] = value
+    config = dict(config)
+    config.update(
+        r=2 * config["r"],
+        lora_alpha=factor * config["lora_alpha"],
+        rank_pattern={key: 2 * rank for key, rank in (config.get("rank_pattern") or {}).items()},
+        alpha_pattern={key: factor * alpha for key, alpha in (config.get("alpha_pattern") or {}).items()},
+        init_lora_weights=True,
+    )
+    return converted, config
 
 
 def load_adapter_state(transformer: torch.nn.Module, state: dict[str, torch.Tensor], adapter_name: str = "default"):

@@ -1,7 +1,8 @@
 """Every adapter kind trains a few steps on the tiny model, has PEFT's parameter count, and loads back exactly.
 
 LoRA kinds (plain, DoRA, rsLoRA, rank/alpha patterns, orthogonal init, a regex target) also load with diffusers'
-own `load_lora_weights` and reproduce the trained model; LoHa/LoKr load back through `load_adapter_file`.
+own `load_lora_weights` and reproduce the trained model; LoHa/LoKr load back through `load_adapter_file`; PiSSA and
+OLoRA, which rewrite the base weights, save a LoRA that reproduces the trained model on the original base.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ KINDS = {
     "rslora": ["lora.use_rslora=true"],
     "patterns": PATTERNS,
     "orthogonal": ["lora.init_lora_weights=orthogonal"],
+    "pissa": ["lora.init_lora_weights=pissa"],
+    "olora": ["lora.init_lora_weights=olora", "lora.use_rslora=true"],
     "regex": [r"lora.target_regex='.*blocks\.\d+\.attn\.to_(q|v)'"],
     "loha": ["lora.adapter_type=loha", "lora.init_lora_weights=default"],
     "lokr": ["lora.adapter_type=lokr", "lora.init_lora_weights=default"],
@@ -51,7 +54,7 @@ def _expected_rank(kind: str, module: str) -> int:
 def _expected_scale(kind: str, module: str) -> float:
     alpha = 3.0 if kind == "patterns" and (".ff." in module or ".ff_context." in module) else ALPHA
     rank = _expected_rank(kind, module)
-    return alpha / math.sqrt(rank) if kind == "rslora" else alpha / rank
+    return alpha / math.sqrt(rank) if kind in ("rslora", "olora") else alpha / rank
 
 
 def _expected_count(kind: str, modules: dict[str, torch.nn.Linear]) -> int:
@@ -96,6 +99,10 @@ def test_adapter_kind_trains_counts_and_loads_back(kind: str, task, tiny_model_d
         scales = {n: m.scaling["default"] for n, m in transformer.named_modules() if isinstance(m, BaseTunerLayer)}
         assert scales == pytest.approx({n: _expected_scale(kind, n) for n in adapted})
 
+    if kind in ("pissa", "olora"):
+        _check_saved_as_lora_on_the_original_base(transformer, path, tiny_model_dir, heldout, trained_prediction)
+        return
+
     # Save -> load into a fresh injected transformer: tensor-equal state, the same predictions.
     trained_state, _ = adapter_state(transformer)
     with safe_open(str(path), framework="pt") as handle:
@@ -117,6 +124,21 @@ def test_adapter_kind_trains_counts_and_loads_back(kind: str, task, tiny_model_d
     pipe = FluxKontextPipeline.from_pretrained(str(tiny_model_dir))  # diffusers' own loader reproduces it too
     pipe.load_lora_weights(str(path))
     torch.testing.assert_close(_predict(pipe.transformer, heldout), trained_prediction, rtol=0, atol=1e-5)
+
+
+def _check_saved_as_lora_on_the_original_base(transformer, path, tiny_model_dir, heldout, trained_prediction):
+    """PiSSA / OLoRA rewrote the base weights; the saved file is a rank-2r LoRA for the untouched base."""
+    original = fresh_transformer(tiny_model_dir)
+    name = "transformer_blocks.0.attn.to_q"
+    mutated = dict(transformer.named_modules())[name].get_base_layer().weight
+    assert (mutated - dict(original.named_modules())[name].weight).abs().max() > 1e-3  # the base was rewritten
+    with safe_open(str(path), framework="pt") as handle:
+        assert handle.get_tensor(f"transformer.{name}.lora_A.weight").shape[0] == 2 * RANK
+        config = json.loads(handle.metadata()["lora_adapter_metadata"])
+    assert config["transformer.r"] == 2 * RANK and config["transformer.init_lora_weights"] is True
+    pipe = FluxKontextPipeline.from_pretrained(str(tiny_model_dir))  # the original base weights
+    pipe.load_lora_weights(str(path))
+    torch.testing.assert_close(_predict(pipe.transformer, heldout), trained_prediction, rtol=0, atol=1e-4)
 
 
 def test_loha_file_refuses_kohya_export_and_config_refuses_it_up_front(task, tiny_model_dir: Path, tmp_path: Path):
