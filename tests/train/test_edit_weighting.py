@@ -50,6 +50,8 @@ def local_edit(encoded: EncodedDataset, with_mask: bool = False) -> EncodedDatas
 def region_losses(transformer, batch: LatentBatch) -> tuple[float, float]:
     """Held-out MSE (fixed sigmas and noise) over the edited token and over the 15 unchanged ones."""
     sigmas, noise = fixed_eval(batch)
+    device = next(transformer.parameters()).device  # fit() leaves the model on accelerate's device
+    batch, sigmas, noise = batch.to(device), sigmas.to(device), noise.to(device)
     sigma = sigmas.view(-1, 1, 1, 1)
     noisy = (1 - sigma) * batch.target_latents + sigma * noise
     with torch.no_grad():
