@@ -5,6 +5,12 @@ patch, 1/16 of the image), where the latent is negated. Plain MSE spends 15/16 o
 tokens. Measured on held-out images with fixed sigmas and noise: the MSE over the edited token and over the rest,
 for the base model, plain training, edit-region weighting (loss.edit_weighting) and a loss mask on the edit (what
 the data side gives with mask images). `scripts/measure_edit_weighting.py` runs the same with more steps.
+
+Measured (CPU, tiny model seed 0, lr 5e-3, batch 16; edited-token MSE / unchanged-token MSE): after 40 steps base
+2.728 / 2.276, plain 2.437 / 1.735, edit weighting 2.019 / 1.838, mask 2.083 / 1.832. After 100 steps the gap closes:
+plain 1.998 / 1.628, edit weighting 2.000 / 1.687, mask 1.932 / 1.684 (seed 1: plain 2.489, edit weighting 2.330,
+mask 2.201 on the edited token). So the weighting learns a small edit faster and costs a little on unchanged tokens;
+this test checks the short-budget effect.
 """
 
 from __future__ import annotations
