@@ -44,6 +44,14 @@ def _value(cfg: Config, dotted: str) -> typing.Any:
     return node
 
 
+def _dataset_defaults() -> dict[str, typing.Any]:
+    """Every data.datasets[] key with its schema default (all but the required `path`)."""
+    from kontext_lora.config import DatasetConfig
+
+    return {f.name: _value(load_config(None, REQUIRED), "data.datasets")[0][f.name]
+            for f in dataclasses.fields(DatasetConfig) if f.name != "path"}  # fmt: skip
+
+
 def _chain(path: Path) -> list[dict]:
     """The raw YAML mappings of `path` and of the files it extends, base first."""
     raw = yaml.safe_load(path.read_text())
@@ -81,7 +89,7 @@ def test_every_example_loads_with_the_values_it_sets(path: Path):
     assert expected
     for key, value in expected.items():
         if key == "data.datasets":
-            value = [{"default_caption": "", **item} for item in value]
+            value = [{**_dataset_defaults(), **item} for item in value]
         assert _value(cfg, key) == value, key
 
 
