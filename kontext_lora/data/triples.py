@@ -246,7 +246,7 @@ def _triples_from_folders(
                 caption=caption,
                 more_controls=tuple(controls_of_stem[1:]),
                 mask=masks.get(stem),
-            )  # fmt: skip
+            )
         )
     return triples
 
@@ -365,7 +365,7 @@ def _triples_from_records(
                 caption=caption.strip(),
                 more_controls=tuple(controls[1:]),
                 mask=mask_path,
-            )  # fmt: skip
+            )
         )
     return triples
 
