@@ -19,7 +19,7 @@ from kontext_lora.data.buckets import render, render_mask
 from kontext_lora.data.cache import DiskCache, folder_identity
 from kontext_lora.data.plan import CachedDataset, CacheEntries, ImageJob, PlannedSample, cache_entries
 from kontext_lora.data.triples import DataError, TripleDataset, collate_triples, load_image
-from kontext_lora.model.load import encode_captions, encode_images
+from kontext_lora.model.load import DTYPES, encode_captions, encode_images, load_pipeline
 from kontext_lora.train.objective import LatentBatch
 
 VAE_PARTS = ("vae",)
@@ -167,6 +167,18 @@ def fill_cache(
                 progress.update(len(pixels))
     progress.close()
     return total
+
+
+def load_encoders(cfg: Config):
+    """The pipeline without its transformer: all that caching needs (the 12B transformer is never read)."""
+    from diffusers import FluxKontextPipeline
+
+    folder = Path(cfg.model.pretrained)
+    if not (folder / "model_index.json").is_file():
+        return load_pipeline(cfg.model)  # builds the tiny model if asked, or raises the ModelError naming the folder
+    pipe = FluxKontextPipeline.from_pretrained(str(folder), transformer=None, dtype=DTYPES[cfg.model.dtype])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def release_encoders(pipe) -> None:
