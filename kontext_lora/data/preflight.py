@@ -20,9 +20,9 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from kontext_lora.config import DataConfig, DatasetConfig
-from kontext_lora.data.buckets import Bucket, bucket_list, nearest_bucket, upscale_factor
+from kontext_lora.data.buckets import bucket_list, nearest_bucket, upscale_factor
 from kontext_lora.data.sources import discover_dataset
-from kontext_lora.data.triples import DataError, ImageRef, RowImage, Triple, load_image, open_source
+from kontext_lora.data.triples import DataError, ImageRef, Triple, load_image, open_source
 
 MIN_SIDE = 16  # one Kontext token is 16 x 16 pixels
 _EXIF_ORIENTATION = 0x0112
@@ -76,6 +76,11 @@ class PreflightReport:
                 f"{name:48s} {self.found[i]:7d} {len(self.usable[i]):7d} {count['error']:7d} "
                 f"{count['warning']:8d} {count['note']:6d}"
             )
+        count = Counter(issue.level for issue in self.issues)
+        lines.append(
+            f"{'total':48s} {sum(self.found):7d} {sum(len(u) for u in self.usable):7d} {count['error']:7d} "
+            f"{count['warning']:8d} {count['note']:6d}"
+        )
         for level in ("error", "warning"):
             listed = self.of_level(level)
             for issue in listed[:20]:
@@ -232,10 +237,6 @@ def _check_triple(
     return True
 
 
-def target_bucket_of(triple: Triple, size: tuple[int, int], buckets: list[Bucket]) -> Bucket:
-    return nearest_bucket(*size, buckets)
-
-
 def write_contact_sheet(report: PreflightReport, path: str | os.PathLike, samples: int = 8, height: int = 128) -> Path:
     """A JPEG of `samples` usable triples spread over the datasets: controls | target | caption, one row each."""
     everything = [t for triples in report.usable for t in triples]
@@ -263,6 +264,3 @@ def write_contact_sheet(report: PreflightReport, path: str | os.PathLike, sample
     sheet.save(tmp, format="JPEG", quality=90)
     os.replace(tmp, path)
     return path
-
-
-__all__ = ["Issue", "PreflightReport", "RowImage", "preflight", "write_contact_sheet"]
