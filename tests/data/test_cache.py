@@ -68,9 +68,9 @@ def test_changed_image_caption_or_setting_recomputes_exactly_its_entries(tiny_mo
     before = {name: dataset.cache.get(name) for name in dataset.cache.index}
 
     # Change one target image: only its latent is recomputed, and it encodes the new pixels.
-    _write(tmp_path / "data", "b", seed=99)
-    (tmp_path / "data" / "target" / "b.txt").write_text("edit it")
-    assert _missing(cfg) == (2, 0)  # b's control and target were both rewritten by _write
+    new_target = np.random.default_rng(99).integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    Image.fromarray(new_target).resize((80, 64), Image.BICUBIC).save(tmp_path / "data" / "target" / "b.png")
+    assert _missing(cfg) == (1, 0)
     dataset = _fill(cfg, pipe)
     b = next(i for i, sample in enumerate(dataset.plan) if sample.triple.stem == "b")
     new_pixels = render(load_image(tmp_path / "data" / "target" / "b.png"), dataset.plan[b].target_bucket, Transform())
