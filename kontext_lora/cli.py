@@ -62,6 +62,7 @@ def _cache(args: argparse.Namespace) -> int:
     from kontext_lora.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    import torch
     from accelerate import PartialState
 
     from kontext_lora.data.plan import build_plan
@@ -69,7 +70,8 @@ def _cache(args: argparse.Namespace) -> int:
     from kontext_lora.data.triples import DataError
     from kontext_lora.train.encode import cached_dataset, load_encoders, release_encoders
 
-    state = PartialState()  # several processes under `accelerate launch`: each fills its share
+    # Several processes under `accelerate launch`/torchrun: each fills its share (gloo on a CPU-only machine).
+    state = PartialState(cpu=not torch.cuda.is_available())
     report = preflight(cfg.data, show_progress=state.is_main_process)
     if state.is_main_process:
         print(report.table())

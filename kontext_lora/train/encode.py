@@ -131,13 +131,15 @@ def fill_cache(
     process_index: int = 0,
     num_processes: int = 1,
     show_progress: bool = True,
+    missing: tuple[list[ImageJob], dict[str, str]] | None = None,
 ) -> int:
     """Compute this process's share of the missing entries and write them as shards; returns how many it wrote.
 
     `pipe` needs `vae` and the text encoders (the transformer may be None). Shards are flushed as they fill, so an
-    interrupted run keeps its work.
+    interrupted run keeps its work. With several processes, pass `missing` as computed by every process BEFORE any
+    of them starts writing, so that all split the same list.
     """
-    images, texts = entries.missing(cache)
+    images, texts = missing if missing is not None else entries.missing(cache)
     images = images[process_index::num_processes]
     text_items = sorted(texts.items())[process_index::num_processes]
     total = len(images) + len(text_items)
@@ -197,10 +199,14 @@ def cached_dataset(cfg: Config, plan: list[PlannedSample], pipe, state=None, sho
     entries = plan_entries(cfg, plan)
     cache = DiskCache(cache_folder(cfg))
     index, count = (state.process_index, state.num_processes) if state is not None else (0, 1)
-    missing = sum(len(part) for part in entries.missing(cache))
+    todo = entries.missing(cache)
+    missing = sum(len(part) for part in todo)
+    if state is not None:
+        state.wait_for_everyone()  # every process has listed the same missing entries before any is written
     fill_cache(
         pipe, entries, cache, cfg.model.max_sequence_length, batch_size=max(1, cfg.train.batch_size),
         num_workers=cfg.data.num_workers, process_index=index, num_processes=count, show_progress=show_progress,
+        missing=todo,
     )  # fmt: skip
     if state is not None:
         state.wait_for_everyone()
