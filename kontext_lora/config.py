@@ -86,7 +86,9 @@ class DatasetConfig:
 class DataConfig:
     datasets: list[DatasetConfig] = opt([], "One or more datasets of (control, target, caption) triples.")
     resolution: int = opt(512, "Buckets hold about resolution^2 pixels (side of the square bucket; multiple of 16).")
-    num_workers: int = opt(0, "DataLoader worker processes for reading images.")
+    num_workers: int = opt(
+        0, "DataLoader worker processes (0 reads the cache fastest, see scripts/bench_data.py); also decode threads."
+    )
     buckets: str = opt(
         "area",
         "Target sizes: area (aspect buckets of resolution^2 pixels, sides multiples of 16), kontext (FLUX.1 "

@@ -16,6 +16,7 @@ so that a bad dataset fails before any model is loaded rather than hours into tr
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 from collections.abc import Iterator, Sequence
@@ -165,7 +166,7 @@ def _check_not_a_loop(path: Path, what: str) -> None:
         try:
             path.resolve(strict=True)
         except (RuntimeError, OSError) as exc:
-            if isinstance(exc, RuntimeError) or getattr(exc, "errno", None) == 40:  # ELOOP
+            if isinstance(exc, RuntimeError) or getattr(exc, "errno", None) == errno.ELOOP:
                 raise DataError(f"{what} {path} is a symlink loop; point the link at a real file or folder") from None
 
 
