@@ -15,6 +15,14 @@ from kontext_lora.data.sources import discover_dataset
 from kontext_lora.data.triples import DataError, RowImage, load_image
 
 
+@pytest.fixture(autouse=True)
+def _private_hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`datasets` writes arrow caches of what it loads: keep them in the test's folder, not in ~/.cache."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+
+
 def _image(path: Path, value: int, size: tuple[int, int] = (40, 32)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, (value, 255 - value, 7)).save(path)
