@@ -206,7 +206,7 @@ def _check_triple(
     for control in triple.controls:
         ratio = report.sizes[control][0] / report.sizes[control][1]
         if abs(math.log(ratio / target_ratio)) > math.log1p(data.aspect_tolerance):
-            fate = "is stretched to the target's bucket" if data.control_bucket == "target" else "gets its own bucket"
+            fate = "is cropped to the target's bucket" if data.control_bucket == "target" else "gets its own bucket"
             report.issues.append(
                 Issue(
                     "warning",
