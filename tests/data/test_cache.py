@@ -129,3 +129,26 @@ def test_items_caption_lines_dropout_and_trigger_word(tiny_model_dir, tmp_path, 
     assert 8 <= dropped <= 32  # caption_dropout 0.5 substitutes the cached empty prompt
     assert {p.sum().item() for p in drawn if not torch.equal(p, empty)} == lines  # both caption lines are drawn
     assert torch.equal(dataset[(0, 3)]["prompt_embeds"], dataset[(0, 3)]["prompt_embeds"])  # seeded
+
+
+def test_cache_command_fills_the_cache_once(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    for i, stem in enumerate(["a", "b"]):
+        _write(tmp_path / "data", stem, seed=i)
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        f"model: {{pretrained: {tiny_model_dir}, dtype: float32, max_sequence_length: 8}}\n"
+        f"data: {{datasets: [{{path: {tmp_path / 'data'}}}], resolution: 64, cache_dir: {tmp_path / 'cache'}}}\n"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    argv = [sys.executable, "-m", "kontext_lora.cli", "cache", "--config", str(config)]
+    first = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=repo, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "6 entries computed, 0 reused" in first.stdout and "cache ready: 2 triples" in first.stdout
+    second = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=repo, timeout=300)
+    assert "0 entries computed, 6 reused" in second.stdout
+    assert not (tmp_path / "run").exists() and _missing(_cfg(tiny_model_dir, tmp_path)) == (0, 0)
