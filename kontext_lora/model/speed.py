@@ -36,9 +36,7 @@ def set_attention_backend(name: str) -> None:
     """Allow only the named SDPA kernel (plus math as the fallback for shapes it refuses), process-wide.
 
     Process-wide flags rather than a `sdpa_kernel(...)` context around the forward: the backward of a checkpointed
-    block recomputes the forward outside any such context, and must pick the kernel the forward picked. diffusers'
-    `_native_cudnn` backend also makes q/k/v contiguous in (B, H, S, D), which gives cuDNN an output whose layout
-    differs from the incoming gradient's; the plain SDPA call keeps the (B, S, H, D) layout on both sides.
+    block recomputes the forward outside any such context, and must pick the kernel the forward picked.
     """
     if name == "default":
         for flag in _SDPA_FLAGS.values():
@@ -71,10 +69,11 @@ def _contiguous_grad_hook(module: torch.nn.Module, args, output):
 def contiguous_attention_grads(transformer: torch.nn.Module) -> list:
     """Make the gradient reaching every attention module's output contiguous; returns the hook handles.
 
-    Why: a single block concatenates the attention output with the MLP branch, so the gradient that flows back into
-    SDPA is a strided slice (row stride 5 * 3072, not 3072). cuDNN's attention backward reads it with the output's
-    strides and fails with an illegal memory access (PyTorch 2.11, cuDNN 9.19, H200); flash and efficient kernels
-    copy such a gradient themselves. torch.compile already imposes the layout, eager needs this.
+    Why: in eager mode cuDNN's attention backward crashed inside the full Flux model with an illegal memory access
+    (PyTorch 2.11, cuDNN 9.19, H200; also with diffusers' `_native_cudnn` backend). A single block concatenates the
+    attention output with the MLP branch, so the gradient flowing back into SDPA is a strided slice (row stride
+    5 * 3072, not 3072); with it made contiguous the full model trains on cuDNN and matches flash (docs/performance.md).
+    Compiled blocks did not need it. The copy is one (tokens x 3072) tensor per single block.
     """
     return [
         module.register_forward_hook(_contiguous_grad_hook)
