@@ -51,15 +51,61 @@ class ModelConfig:
 
 @dataclass
 class DatasetConfig:
-    path: str = opt(MISSING, "Folder with control/ and target/ subfolders, or with a metadata.jsonl.")
+    path: str = opt(
+        MISSING,
+        "Folder with control/ and target/ subfolders, a metadata.jsonl or metadata.csv, or a Hugging Face dataset "
+        "(save_to_disk folder, parquet/arrow files, or an imagefolder with format=hf).",
+    )
     default_caption: str = opt("", "Caption for a triple that has no .txt file or caption field.")
+    format: str = opt(
+        "auto",
+        "How `path` is read; auto: metadata.jsonl, then metadata.csv, then a Hugging Face dataset, then folders.",
+        ("auto", "folder", "jsonl", "csv", "hf"),
+    )
+    control_keys: list[str] = opt(
+        ["control"],
+        "Control images per target, in id order (1, 2, ...): subfolder names, or jsonl/csv/hf column names. "
+        "[] makes a text-to-image dataset without controls.",
+    )
+    target_key: str = opt("target", "Target subfolder name, or jsonl/csv/hf column of the target image.")
+    caption_key: str = opt("caption", "jsonl/csv/hf column of the caption (folders use target/<stem>.txt).")
+    mask_key: str = opt(
+        "mask", "Subfolder or column of optional loss masks (same stem as the target; white = edited region)."
+    )
+    split: str = opt("train", "Split of a Hugging Face dataset.")
+    weight: float = opt(1.0, "Each triple of this dataset is drawn `weight` times as often per epoch (fractions ok).")
+    repeats: int = opt(1, "Each triple appears this many times per epoch (multiplies `weight`).")
+    resolution: int = opt(0, "Bucket area side for this dataset in pixels (0: data.resolution).")
+    caption_dropout: float = opt(0.0, "Probability of training a sample on the empty prompt instead of its caption.")
+    trigger_word: str = opt("", "Word put in front of every caption of this dataset (e.g. a rare token).")
+    flip: bool = opt(False, "Paired horizontal flip (control and target together); off for left/right edits.")
+    random_crop: bool = opt(False, "Paired random crop position instead of the center (control and target together).")
 
 
 @dataclass
 class DataConfig:
     datasets: list[DatasetConfig] = opt([], "One or more datasets of (control, target, caption) triples.")
-    resolution: int = opt(512, "Side of the square training crop in pixels (multiple of 16).")
-    num_workers: int = opt(0, "DataLoader worker processes for reading images.")
+    resolution: int = opt(512, "Buckets hold about resolution^2 pixels (side of the square bucket; multiple of 16).")
+    num_workers: int = opt(
+        0, "DataLoader worker processes (0 reads the cache fastest, see scripts/bench_data.py); also decode threads."
+    )
+    buckets: str = opt(
+        "area",
+        "Target sizes: area (aspect buckets of resolution^2 pixels, sides multiples of 16), kontext (FLUX.1 "
+        "Kontext's 17 preferred ~1 MP resolutions), square (resolution x resolution center crop).",
+        ("area", "kontext", "square"),
+    )
+    max_aspect_ratio: float = opt(2.5, "Most elongated area bucket (long side / short side).")
+    control_bucket: str = opt(
+        "target",
+        "Size of each control: the target's bucket, or its own bucket (own aspect ratio and id grid).",
+        ("target", "own"),
+    )
+    max_upscale: float = opt(2.0, "Images that would need more upscaling than this to fill their bucket are skipped.")
+    aspect_tolerance: float = opt(0.05, "Preflight warns when control and target aspect ratios differ by more.")
+    cache_dir: str = opt("", "Disk cache of latents and text embeddings (empty: <output.dir>/cache); share it.")
+    crop_variants: int = opt(4, "Cached random-crop positions per image when a dataset has random_crop.")
+    preflight_samples: int = opt(8, "Triples shown on the preflight contact sheet.")
 
 
 @dataclass
@@ -199,6 +245,28 @@ class OptimConfig:
 
 
 @dataclass
+class SpeedConfig:
+    attention_backend: str = opt(
+        "auto",
+        "SDPA kernel in training, set process-wide: auto (cuDNN on Hopper+ GPUs, else PyTorch's pick), flash, cudnn, "
+        "efficient, math.",
+        ("auto", "flash", "cudnn", "efficient", "math"),
+    )
+    compile: str = opt(
+        "auto",
+        "torch.compile: blocks (each repeated block, regional), none (eager), auto (blocks on CUDA, none on CPU).",
+        ("auto", "blocks", "none"),
+    )
+    checkpoint_fraction: float = opt(
+        1.0, "With train.gradient_checkpointing: fraction of the blocks recomputed in backward (1.0 = all)."
+    )
+    activation_budget: float = opt(
+        1.0, "With compile: fraction of each block's activations kept for backward; the compiler recomputes the rest."
+    )
+    fp8_base: bool = opt(False, "Frozen base linears as torchao float8 matmuls (GPUs with fp8 tensor cores).")
+
+
+@dataclass
 class Config:
     model: ModelConfig = opt(ModelConfig(), "The base model.")
     data: DataConfig = opt(DataConfig(), "Training data.")
@@ -208,6 +276,7 @@ class Config:
     logging: LoggingConfig = opt(LoggingConfig(), "Metrics logging.")
     loss: LossConfig = opt(LossConfig(), "Sigma sampling, loss weighting and region-aware loss.")
     optim: OptimConfig = opt(OptimConfig(), "Optimizer and the non-finite loss guard.")
+    speed: SpeedConfig = opt(SpeedConfig(), "Training fast path (docs/performance.md).")
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -262,6 +331,8 @@ def _check_choices(cfg: Any, prefix: str = "") -> None:
         if choices and value not in choices:
             near = difflib.get_close_matches(str(value), choices, n=1)
             hint = f"; did you mean `{near[0]}`?" if near else ""
+            if value in ("True", "False"):  # YAML 1.1 reads on/off/yes/no as booleans
+                hint = " (YAML reads on/off/yes/no as true/false)"
             raise ConfigError(f"config key `{full}`: {value!r} is not one of {', '.join(choices)}{hint}")
         if dataclasses.is_dataclass(value):
             _check_choices(value, full)
@@ -287,6 +358,7 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(f"config key `{key}`: must be > 0, got {value}")
     if cfg.data.resolution % 16:
         raise ConfigError(f"config key `data.resolution`: must be a multiple of 16, got {cfg.data.resolution}")
+    _check_data_values(cfg)
     if not cfg.data.datasets:
         raise ConfigError("config key `data.datasets`: list at least one dataset (each with a `path`)")
     for fmt in cfg.output.export_formats:
@@ -294,6 +366,9 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(f"config key `output.export_formats`: {fmt!r} is not one of diffusers, kohya, comfyui")
     if not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError(f"config key `lora.dropout`: must be in [0, 1), got {cfg.lora.dropout}")
+    for key in ("checkpoint_fraction", "activation_budget"):
+        if not 0.0 <= getattr(cfg.speed, key) <= 1.0:
+            raise ConfigError(f"config key `speed.{key}`: must be in [0, 1], got {getattr(cfg.speed, key)}")
     _check_training_features(cfg)
 
 
@@ -338,6 +413,29 @@ def _check_training_features(cfg: Config) -> None:
             f"config key `output.export_formats`: {bfl[0]} cannot hold {unsupported} adapters; "
             "drop it (the diffusers-format file holds them)"
         )
+
+
+def _check_data_values(cfg: Config) -> None:
+    """Ranges of the data keys (buckets, per-dataset sampling and augmentation)."""
+    data = cfg.data
+    if data.max_aspect_ratio < 1.0:
+        raise ConfigError(f"config key `data.max_aspect_ratio`: must be >= 1, got {data.max_aspect_ratio}")
+    if data.max_upscale < 1.0:
+        raise ConfigError(f"config key `data.max_upscale`: must be >= 1, got {data.max_upscale}")
+    if data.crop_variants <= 0:
+        raise ConfigError(f"config key `data.crop_variants`: must be > 0, got {data.crop_variants}")
+    if data.num_workers < 0:
+        raise ConfigError(f"config key `data.num_workers`: must be >= 0, got {data.num_workers}")
+    for i, ds in enumerate(data.datasets):
+        key = f"data.datasets[{i}]"
+        if ds.weight <= 0 or ds.repeats <= 0:
+            raise ConfigError(f"config key `{key}.weight`/`repeats`: must be > 0, got {ds.weight}/{ds.repeats}")
+        if ds.resolution < 0 or ds.resolution % 16:
+            raise ConfigError(f"config key `{key}.resolution`: must be 0 or a multiple of 16, got {ds.resolution}")
+        if not 0.0 <= ds.caption_dropout <= 1.0:
+            raise ConfigError(f"config key `{key}.caption_dropout`: must be in [0, 1], got {ds.caption_dropout}")
+        if len(set(ds.control_keys)) != len(ds.control_keys) or ds.target_key in ds.control_keys:
+            raise ConfigError(f"config key `{key}.control_keys`: names must be distinct and differ from target_key")
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

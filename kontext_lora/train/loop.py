@@ -14,12 +14,16 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from kontext_lora.config import Config, to_dict, to_yaml
-from kontext_lora.data.triples import TripleDataset, discover_triples
+from kontext_lora.data.buckets import BucketBatchSampler, bucket_table
+from kontext_lora.data.plan import bucket_keys_of, build_plan
+from kontext_lora.data.preflight import preflight, write_contact_sheet
+from kontext_lora.data.triples import DataError
 from kontext_lora.export.diffusers_format import WEIGHT_NAME, save_diffusers_lora
 from kontext_lora.export.formats import read_adapter, write_exports
 from kontext_lora.model.load import load_pipeline
 from kontext_lora.model.lora import adapter_state, inject_lora, load_adapter_state, lora_parameters
-from kontext_lora.train.encode import collate_encoded, encode_dataset
+from kontext_lora.model.speed import apply_speed
+from kontext_lora.train.encode import cached_dataset, collate_encoded, release_encoders
 from kontext_lora.train.objective import LatentBatch, flow_matching_loss, sample_sigmas
 from kontext_lora.train.optim import NonFiniteGuard, build_optimizer
 
@@ -52,21 +56,28 @@ def train(cfg: Config) -> Path:
     accelerator = _accelerator(cfg)
     set_seed(cfg.train.seed)
 
-    # Data: discover and check every file before any model is loaded, so bad input fails in seconds
-    # (and leaves no run folder behind).
-    triples = [t for ds in cfg.data.datasets for t in discover_triples(ds.path, ds.default_caption)]
-    pixels = TripleDataset(triples, cfg.data.resolution)
-    pixels.verify()
-    accelerator.print(f"[kontext-lora] {len(triples)} triples from {len(cfg.data.datasets)} dataset(s)")
+    # Data: preflight checks every file before any model is loaded, so bad input fails in seconds
+    # (and leaves no run folder behind); warnings are printed and training goes on.
+    main = accelerator.is_main_process
+    report = preflight(cfg.data, show_progress=main)
+    accelerator.print(report.table())
+    report.raise_on_errors()
+    plan = build_plan(cfg.data, report)
+    if not plan:
+        raise DataError("no usable triples: every triple was skipped (see the preflight warnings above)")
+    accelerator.print(f"[kontext-lora] {len(plan)} triples from {len(cfg.data.datasets)} dataset(s)")
+    accelerator.print(bucket_table([sample.bucket_key for sample in plan]))
     out_dir = Path(cfg.output.dir)
-    if accelerator.is_main_process:
+    if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(to_yaml(cfg))
+        write_contact_sheet(report, out_dir / "preflight.jpg", cfg.data.preflight_samples)
 
-    # Model: encode everything once; afterwards only the transformer is needed on the device.
+    # Model: fill the disk cache once; afterwards only the transformer is needed on the device.
     pipe = load_pipeline(cfg.model)
     pipe.to(accelerator.device)
-    encoded = encode_dataset(pipe, pixels, cfg.model.max_sequence_length, show_progress=accelerator.is_main_process)
+    encoded = cached_dataset(cfg, plan, pipe, accelerator, show_progress=main)
+    release_encoders(pipe)
     transformer = pipe.transformer
     del pipe
     return fit(cfg, transformer, encoded, accelerator)
@@ -88,13 +99,20 @@ def fit(cfg: Config, transformer: torch.nn.Module, encoded: Dataset, accelerator
     inject_lora(transformer, cfg.lora)
     if cfg.lora.init_from:
         _init_from_file(transformer, cfg)
-    if cfg.train.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+    applied = apply_speed(transformer, cfg.speed, cfg.train.gradient_checkpointing, accelerator.device)
+    accelerator.print(f"[kontext-lora] fast path: {applied}")
     params = lora_parameters(transformer)
 
+    # One bucket per batch, in an order fixed by (train.seed, epoch): batch k of a run is reproducible, and
+    # `sampler.skip(k)` continues after k batches without reading any data (exact resume).
+    sampler = BucketBatchSampler(
+        bucket_keys_of(encoded), cfg.train.batch_size, cfg.train.seed,
+        weights=encoded.sample_weights() if hasattr(encoded, "sample_weights") else None,
+        with_draw_seed=getattr(encoded, "takes_draw_seed", False),
+    )  # fmt: skip
     loader = DataLoader(
-        encoded, batch_size=cfg.train.batch_size, shuffle=True, collate_fn=collate_encoded,
-        generator=torch.Generator().manual_seed(cfg.train.seed),
+        encoded, batch_sampler=sampler, collate_fn=collate_encoded, num_workers=cfg.data.num_workers,
+        persistent_workers=cfg.data.num_workers > 0,
     )  # fmt: skip
     optimizer = build_optimizer(params, cfg)
     scheduler = get_scheduler(

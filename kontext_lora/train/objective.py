@@ -28,16 +28,30 @@ FLUX_SHIFT_ARGS = dict(base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_s
 
 @dataclass
 class LatentBatch:
-    """One training batch of cached encodings."""
+    """One training batch of cached encodings (one bucket: every sample has the same shapes)."""
 
     target_latents: torch.Tensor  # (B, 16, h, w) normalised VAE latents of the edited image
-    control_latents: torch.Tensor  # (B, 16, h', w') normalised VAE latents of the input image
+    # Each (B, 16, h_i, w_i): the input image(s); control i gets position-id index i + 1. [] for text-to-image.
+    # A single tensor is accepted and wrapped into a one-element list.
+    control_latents: list[torch.Tensor]
     prompt_embeds: torch.Tensor  # (B, L, 4096) T5 sequence
     pooled_embeds: torch.Tensor  # (B, 768) CLIP pooled
     loss_mask: torch.Tensor | None = None  # (B, 1, h, w) in [0, 1] at latent resolution
 
+    def __post_init__(self) -> None:
+        if isinstance(self.control_latents, torch.Tensor):
+            self.control_latents = [self.control_latents]
+        else:
+            self.control_latents = list(self.control_latents)
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> LatentBatch:
-        return LatentBatch(*(None if t is None else t.to(device=device, dtype=dtype) for t in vars(self).values()))
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype)
+
+        return LatentBatch(
+            move(self.target_latents), [move(c) for c in self.control_latents], move(self.prompt_embeds),
+            move(self.pooled_embeds), None if self.loss_mask is None else move(self.loss_mask),
+        )  # fmt: skip
 
 
 def sample_sigmas(
@@ -146,8 +160,9 @@ def token_weights(batch: LatentBatch, loss: LossConfig) -> torch.Tensor | None:
     """Region weight of each target token (B, N_t), or None when every token weighs the same.
 
     Loss mask: inside 1, outside loss.mask_outside_weight (a token's mask value is the mean over its 2x2 latent
-    patch). Edit weighting: floor + (1 - floor) * d / max(d), d a token's mean |target - control| latent change (the
-    control resized to the target's grid when their sizes differ). Both present: their product.
+    patch). Edit weighting: floor + (1 - floor) * d / max(d), d a token's mean |target - control| latent change
+    against the first control (resized to the target's grid when their sizes differ; no control: no edit weights).
+    Both present: their product.
     """
     weights = None
     target = batch.target_latents.float()  # (B, 16, h, w)
@@ -159,8 +174,8 @@ def token_weights(batch: LatentBatch, loss: LossConfig) -> torch.Tensor | None:
             )
         inside = pack_latents(batch.loss_mask.float()).mean(dim=-1)  # (B, N_t)
         weights = loss.mask_outside_weight + (1.0 - loss.mask_outside_weight) * inside
-    if loss.edit_weighting:
-        control = batch.control_latents.float()
+    if loss.edit_weighting and batch.control_latents:  # text-to-image samples have no control: all tokens are new
+        control = batch.control_latents[0].float()  # the first control is the image being edited
         if control.shape[-2:] != target.shape[-2:]:
             control = F.interpolate(control, size=target.shape[-2:], mode="bilinear", align_corners=False)
         change = pack_latents((target - control).abs()).mean(dim=-1)  # (B, N_t)
