@@ -6,13 +6,11 @@ tokens. Measured on held-out images with fixed sigmas and noise: the MSE over th
 for the base model, plain training, edit-region weighting (loss.edit_weighting) and a loss mask on the edit (what
 the data side gives with mask images). `scripts/measure_edit_weighting.py` runs the same with more steps.
 
-Measured (CPU, tiny model seed 0, lr 5e-3, batch 16; edited-token MSE / unchanged-token MSE), after 40 steps with
-main's bucket sampler: base 2.728 / 2.276, plain 2.368 / 1.754, edit weighting 2.201 / 1.824, mask 2.230 / 1.829.
-Before the bucket sampler (another data order) the same 40 steps gave plain 2.437, edit weighting 2.019, mask 2.083;
-and 100 steps gave plain 1.998 / 1.628, edit weighting 2.000 / 1.687, mask 1.932 / 1.684 (model seed 1: plain 2.489,
-edit weighting 2.330, mask 2.201 on the edited token). So the weighting learns a small edit faster early on (7-17%
-lower edited-token loss at 40 steps, depending on data order), costs 4-6% on unchanged tokens, and the gap closes
-with longer training. This test checks only the short-budget direction (weighted < plain on the edited token).
+Measured (CPU, lr 5e-3, batch 16, the same LoRA init for every variant; edited-token MSE / unchanged-token MSE):
+model seed 0, 40 steps: base 2.728 / 2.276, plain 2.371 / 1.737, edit weighting 2.060 / 1.823 (-13% / +5%).
+100 steps (scripts/measure_edit_weighting.py --steps 100 --seeds 0 1): seed 0 plain 2.088 / 1.657, edit weighting
+1.920 / 1.668 (-8% / +1%); seed 1 base 3.148 / 2.319, plain 2.696 / 1.702, edit weighting 2.264 / 1.749 (-16% / +3%).
+The mask run gives the same numbers as edit weighting: here both give the edited token weight 1 and the rest 0.1.
 """
 
 from __future__ import annotations
@@ -20,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
 
 from kontext_lora.model.kontext import pack_latents
 from kontext_lora.train.encode import EncodedDataset
@@ -76,6 +75,7 @@ def measure(model_dir: Path, work_dir: Path, steps: int, lr: float = 5e-3) -> di
     heldout_set = heldout_batch(local_edit(heldout))
     results = {"base": region_losses(fresh_transformer(model_dir), heldout_set)}
     for name, overrides in VARIANTS.items():
+        set_seed(0)  # fit() draws the LoRA init from the global RNG: same init for every variant, in any test order
         transformer = fresh_transformer(model_dir)
         cfg = task_config(model_dir, work_dir / name, f"data.resolution={RESOLUTION}", f"train.steps={steps}",
                           f"train.lr={lr}", *overrides)  # fmt: skip
@@ -90,5 +90,6 @@ def test_weighting_the_edit_region_lowers_its_heldout_loss(tiny_model_dir: Path,
     print(report)
     base, plain = results["base"], results["plain"]
     assert plain[0] < base[0], report  # plain training learns something of the edit too
-    for name in ("edit_weighting", "mask"):
-        assert results[name][0] < plain[0], report  # the weighted runs learn the edit faster
+    assert results["edit_weighting"][0] < 0.95 * plain[0], report  # the weighted run learns the edit faster
+    # A mask on exactly the edited token (outside 0.1) weighs tokens as edit weighting (floor 0.1) does here.
+    assert abs(results["mask"][0] - results["edit_weighting"][0]) < 1e-4, report
