@@ -115,6 +115,7 @@ class LoggingConfig:
     log_every: int = opt(1, "Log metrics every N optimizer steps.")
     wandb_project: str = opt("kontext-lora", "wandb project name.")
     wandb_mode: str = opt("offline", "wandb mode: offline needs no network.", ("online", "offline", "disabled"))
+    wandb_group: str = opt("", "wandb run group (a sweep sets it to the sweep's name); empty: no group.")
 
 
 @dataclass

@@ -103,7 +103,8 @@ def fit(cfg: Config, transformer: torch.nn.Module, encoded: Dataset, accelerator
         wandb = cfg.logging.report_to == "wandb"
         accelerator.init_trackers(
             cfg.logging.wandb_project if wandb else "logs", config=_flat_hparams(to_dict(cfg)),
-            init_kwargs={"wandb": {"mode": cfg.logging.wandb_mode, "dir": str(out_dir)}} if wandb else {},
+            init_kwargs={"wandb": {"mode": cfg.logging.wandb_mode, "dir": str(out_dir), "name": out_dir.name,
+                                   "group": cfg.logging.wandb_group or None}} if wandb else {},
         )  # fmt: skip
 
     noise_generator = torch.Generator(device=accelerator.device).manual_seed(
