@@ -101,6 +101,7 @@ def load_sweep(path: str | Path, out_dir: str | Path | None = None) -> Sweep:
         runs=[], keys=[], fixed=fixed, source=path,
     )  # fmt: skip
     where = f"{path}: {method}"
+    names: list[str | None] = []  # `runs` entries may name themselves; other runs are named from their values
     if method == "grid":
         grid = _overrides(raw["grid"], where)
         for key, values in grid.items():
@@ -127,7 +128,7 @@ def load_sweep(path: str | Path, out_dir: str | Path | None = None) -> Sweep:
         entries = raw["runs"]
         if not isinstance(entries, list) or not entries:
             raise ConfigError(f"{where}: expected a non-empty list of override mappings")
-        combos, names = [], []
+        combos = []
         for i, entry in enumerate(entries):
             if not isinstance(entry, dict):
                 raise ConfigError(f"{where}[{i}]: expected a mapping of dotted keys to values, got {entry!r}")
@@ -135,9 +136,9 @@ def load_sweep(path: str | Path, out_dir: str | Path | None = None) -> Sweep:
             names.append(entry.pop("name", None))
             combos.append(_overrides(entry, f"{where}[{i}]"))
         sweep.keys = list(dict.fromkeys(key for combo in combos for key in combo))
-        sweep.runs = _named(combos, sweep.keys, names)
-        return sweep
-    sweep.runs = _named(combos, sweep.keys)
+    if "output.dir" in (*sweep.keys, *fixed):
+        raise ConfigError(f"{path}: `output.dir` is set by the sweep (<dir>/<run name>); set the sweep's `dir` instead")
+    sweep.runs = _named(combos, sweep.keys, names)
     return sweep
 
 
@@ -245,11 +246,11 @@ def run_name(overrides: dict[str, Any], keys: list[str]) -> str:
     return name
 
 
-def _named(combos: list[dict[str, Any]], keys: list[str], names: list[str | None] | None = None) -> list[Run]:
+def _named(combos: list[dict[str, Any]], keys: list[str], names: list[str | None]) -> list[Run]:
     """Runs with unique names: a repeated name gets -2, -3, ..."""
     runs, seen = [], set()
     for i, combo in enumerate(combos):
-        given = names[i] if names else None
+        given = names[i] if i < len(names) else None
         base = _safe(str(given)) if given else run_name(combo, keys)
         name, n = base, 1
         while name in seen:
