@@ -106,8 +106,8 @@ def run_sweep(
             status = _attempt(item, launcher)
             if on_run_end is not None:
                 on_run_end(item, status)
-            if index < len(prepared):  # kept current, so a sweep killed later still has its table
-                write_summary(sweep)
+            if index < len(prepared):  # the tables kept current, so a sweep killed later still has them
+                write_summary(sweep, plot=False)
     finally:
         rows = write_summary(sweep)
     return rows
@@ -164,8 +164,8 @@ class LaunchError(RuntimeError):
 
 def _train_subprocess(item: PreparedRun) -> None:
     command = train_command(item.dir / CONFIG_NAME)
-    if command[0] == "accelerate":  # the accelerate of this interpreter, whatever PATH says
-        command[:1] = [sys.executable, "-m", "accelerate.commands.launch"]
+    if command[:2] == ["accelerate", "launch"]:  # the accelerate of this interpreter, whatever PATH says
+        command[:2] = [sys.executable, "-m", "accelerate.commands.launch"]
     log = item.dir / LOG_NAME
     with open(log, "w", encoding="utf-8") as handle:
         returncode = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode

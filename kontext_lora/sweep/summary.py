@@ -89,13 +89,14 @@ def summarize(sweep: Sweep) -> list[RunSummary]:
     return [summarize_run(sweep.dir / run.name, run.name, run.overrides) for run in sweep.runs]
 
 
-def write_summary(sweep: Sweep) -> list[RunSummary]:
-    """Write sweep_summary.csv, sweep_summary.md and sweep_loss.png into the sweep folder; returns the rows."""
+def write_summary(sweep: Sweep, plot: bool = True) -> list[RunSummary]:
+    """Write sweep_summary.csv, sweep_summary.md and (with `plot`) sweep_loss.png into the sweep folder."""
     rows = summarize(sweep)
     sweep.dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(sweep.dir / CSV_NAME, to_csv(sweep, rows))
     atomic_write_text(sweep.dir / MD_NAME, to_markdown(sweep, rows))
-    plot_losses(sweep, rows, sweep.dir / PLOT_NAME)
+    if plot:
+        plot_losses(sweep, rows, sweep.dir / PLOT_NAME)
     return rows
 
 
