@@ -55,21 +55,24 @@ def prepare_runs(sweep: Sweep, base_config: str | Path | None, overrides: list[s
     """Resolve every run's config: base file, then the sweep's `fixed`, then `overrides`, then the run's own values,
     then output.dir = <sweep dir>/<run name> (and the wandb group = the sweep's name, unless the config sets one).
 
-    The base config with the common overrides must load (a ConfigError stops the sweep before any run); a run whose
-    own values are rejected comes back with `error` set, to be recorded as failed.
+    A run whose config is rejected comes back with `error` set, to be recorded as failed. When every run is rejected
+    and the base config with the common overrides is rejected too, that one error is raised instead.
     """
     common = [*sweep.fixed_dotlist(), *overrides]
-    base = load_config(base_config, common)
-    managed = [] if base.logging.wandb_group else [f"logging.wandb_group={sweep.name}"]
     prepared = []
     for run in sweep.runs:
         run_dir = sweep.dir / run.name
+        own = [*common, *run.dotlist(), f"output.dir={run_dir}"]
         try:
-            config = load_config(base_config, [*common, *run.dotlist(), f"output.dir={run_dir}", *managed])
+            config = load_config(base_config, own)
+            if not config.logging.wandb_group:
+                config = load_config(base_config, [*own, f"logging.wandb_group={sweep.name}"])
         except ConfigError as exc:
             prepared.append(PreparedRun(run, run_dir, None, str(exc)))
             continue
         prepared.append(PreparedRun(run, run_dir, config))
+    if all(item.error for item in prepared):
+        load_config(base_config, common)  # raises when the base itself is the problem (a typo, a missing file)
     return prepared
 
 

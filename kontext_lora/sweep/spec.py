@@ -94,7 +94,7 @@ def load_sweep(path: str | Path, out_dir: str | Path | None = None) -> Sweep:
     if len(methods) != 1:
         raise ConfigError(f"{path}: give exactly one of {', '.join(METHODS)} (found {', '.join(methods) or 'none'})")
     method = methods[0]
-    name = _safe(str(raw.get("name") or path.stem))
+    name = _safe(str(raw.get("name") or path.stem)) or "sweep"
     fixed = _overrides(raw.get("fixed") or {}, f"{path}: fixed")
     sweep = Sweep(
         name=name, dir=Path(out_dir or raw.get("dir") or Path("runs") / "sweeps" / name), method=method,
@@ -279,7 +279,7 @@ def _format_value(value: Any) -> str:
 
 def _safe(text: str) -> str:
     """Letters, digits and . _ + - only (other runs of characters become one dash)."""
-    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-.")
+    return re.sub(r"-{2,}", "-", re.sub(r"[^A-Za-z0-9._+-]+", "-", text)).strip("-.")
 
 
 # ---------------------------------------------------------------------------------------------- dotlist

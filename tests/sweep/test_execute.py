@@ -18,6 +18,8 @@ from safetensors import safe_open
 
 from kontext_lora.cli import main
 from kontext_lora.config import load_config
+from kontext_lora.sweep.execute import prepare_runs
+from kontext_lora.sweep.spec import load_sweep
 
 from ..conftest import EXAMPLES, REPO
 
@@ -175,3 +177,25 @@ def _stamps(run: Path) -> tuple[int, ...]:
     """Modification times (ns) of a run's metrics.jsonl, config.yaml and adapter."""
     names = ("metrics.jsonl", "config.yaml", "pytorch_lora_weights.safetensors")
     return tuple((run / name).stat().st_mtime_ns for name in names)
+
+
+def test_a_bad_base_config_stops_the_sweep_at_once_but_runs_may_supply_what_the_base_lacks(
+    tmp_path: Path, capsys
+) -> None:
+    base = tmp_path / "base.yaml"
+    base.write_text("model: {pretrained: /models/kontext}\n")  # no dataset: each run names its own
+    sweep_file = tmp_path / "data.yaml"
+    sweep_file.write_text("grid:\n  data.datasets: [[{path: /data/a}], [{path: /data/b}]]\n")
+    prepared = prepare_runs(load_sweep(sweep_file, tmp_path / "sweep"), base)
+    assert [item.run.name for item in prepared] == ["datasets-path-data-a", "datasets-path-data-b"]
+    assert [item.config.data.datasets[0].path for item in prepared] == ["/data/a", "/data/b"]
+    assert {item.config.logging.wandb_group for item in prepared} == {"data"}
+
+    argv = ["sweep", "--config", str(base), "--sweep", str(sweep_file), "--dir", str(tmp_path / "sweep")]
+    assert main([*argv, "train.stepz=3"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "kontext-lora: error: unknown config key `train.stepz`; did you mean `train.steps`? (valid here: steps, "
+        "batch_size, gradient_accumulation, lr, weight_decay, scheduler, warmup_steps, seed, mixed_precision, "
+        "gradient_checkpointing, max_grad_norm, logit_mean, logit_std)"
+    ]
+    assert not (tmp_path / "sweep").exists()  # nothing started
