@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,12 +80,8 @@ def run_sweep(
     base_config: str | Path | None,
     overrides: list[str] | tuple[str, ...] = (),
     launcher: str = "inprocess",
-    on_run_end: Callable[[PreparedRun, str], None] | None = None,
 ) -> list:
-    """Train every run not yet finished, in order; returns the summary rows (see `summary.summarize`).
-
-    `on_run_end(prepared_run, status)` is called after each run that was attempted (done or failed).
-    """
+    """Train every run not yet finished, in order; returns the summary rows (see `summary.summarize`)."""
     from kontext_lora.sweep.summary import write_summary
 
     if launcher not in LAUNCHERS:
@@ -106,9 +101,7 @@ def run_sweep(
                 print(f"{head}: finished before, skipped", flush=True)
                 continue
             print(f"{head}: training ({' '.join(item.run.dotlist()) or 'base config'})", flush=True)
-            status = _attempt(item, launcher)
-            if on_run_end is not None:
-                on_run_end(item, status)
+            _attempt(item, launcher)
             if index < len(prepared):  # the tables kept current, so a sweep killed later still has them
                 write_summary(sweep, plot=False)
     finally:

@@ -134,5 +134,5 @@ def test_bad_sweep_files_fail_naming_file_and_key(tmp_path: Path, text: str, mes
 
 
 def test_example_sweep_file_loads() -> None:
-    sweep = load_sweep(REPO / "configs/examples/sweep_tiny.yaml")
+    sweep = load_sweep(REPO / "configs/examples/sweeps/tiny_rank_lr.yaml")
     assert [run.name for run in sweep.runs] == ["rank4_lr3e-4", "rank4_lr1e-3", "rank8_lr3e-4", "rank8_lr1e-3"]
