@@ -57,6 +57,11 @@ def test_slurm_task_and_accelerate_launcher_train_the_runs_the_printed_commands_
     assert task.returncode == 0, task.stderr[-2000:]
     assert [json.loads(line)["step"] for line in (out / "ok" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert not (out / "ok" / "status.json").exists()  # the run's own files say it finished
+    assert main([*argv, "--summary"]) == 1  # the summary sees it done from those files; no_data is pending
+    assert "[sweep] 1/2 runs done" in (printed := capsys.readouterr().out) and "no_data: pending" in printed
+    summary = (out / "sweep_summary.csv").read_text().splitlines()
+    assert summary[1].startswith("ok,2,,done,2,") and summary[2].startswith("no_data,,")
+    assert ",pending," in summary[2]
 
     # The finished run drops out of the printed commands; the sweep's accelerate launcher runs only the other one.
     assert main([*argv, "--print"]) == 0
