@@ -24,6 +24,7 @@ A sweep file is YAML with exactly one of `grid`, `random` or `runs`, plus option
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import itertools
 import math
@@ -203,20 +204,33 @@ def _valid_keys() -> tuple[set[str], set[str]]:
 
 
 def _overrides(mapping: Any, where: str) -> dict[str, Any]:
-    """Check a mapping of dotted config keys: every key declared in the schema (with a near-miss hint)."""
+    """Dotted config keys -> values, each key declared in the schema (else an error with the near miss).
+
+    Nested sections are accepted too and flattened: {train: {lr: [..]}} is {train.lr: [..]}.
+    """
     if not isinstance(mapping, dict):
         raise ConfigError(f"{where}: expected a mapping of dotted config keys, got {mapping!r}")
     keys, lists = _valid_keys()
-    for key in mapping:
-        key = str(key)
+    flat = _flatten(mapping, keys, lists)
+    for key in flat:
         if key in keys or any(key.startswith(f"{lst}.") for lst in lists):
             continue
-        import difflib
-
         near = difflib.get_close_matches(key, sorted(keys), n=1, cutoff=0.6)
         hint = f"; did you mean `{near[0]}`?" if near else ""
         raise ConfigError(f"{where}: unknown config key `{key}`{hint} (`kontext-lora keys` lists them all)")
-    return {str(k): v for k, v in mapping.items()}
+    return flat
+
+
+def _flatten(mapping: dict, keys: set[str], lists: set[str], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        full = f"{prefix}{key}"
+        declared = full in keys or any(full.startswith(f"{lst}.") for lst in lists)
+        if isinstance(value, dict) and not declared and any(k.startswith(f"{full}.") for k in keys):
+            flat.update(_flatten(value, keys, lists, f"{full}."))  # a section such as `train:`
+        else:
+            flat[full] = value
+    return flat
 
 
 def _check_names(mapping: dict, allowed: tuple[str, ...], where: str) -> None:

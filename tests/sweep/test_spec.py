@@ -28,6 +28,12 @@ def test_grid_is_the_cartesian_product_with_readable_unique_names(tmp_path: Path
     assert [run.overrides for run in sweep.runs][1] == {"lora.rank": 4, "train.lr": 3e-4}
     assert sweep.keys == ["lora.rank", "train.lr"] and sweep.fixed == {"train.steps": 7}
     assert load_sweep(path, tmp_path / "elsewhere").dir == tmp_path / "elsewhere"
+    # Sections may be nested instead of dotted.
+    nested = _sweep_file(
+        tmp_path, "grid:\n  lora: {rank: [4, 8]}\n  train:\n    lr: [1e-3, 3.0e-4]\nfixed: {train: {steps: 7}}\n"
+    )
+    assert [run.overrides for run in load_sweep(nested).runs] == [run.overrides for run in sweep.runs]
+    assert load_sweep(nested).fixed == {"train.steps": 7}
 
 
 def test_run_names_are_filesystem_safe_and_disambiguated() -> None:
@@ -108,6 +114,7 @@ def test_overrides_read_back_through_load_config_unchanged(tmp_path: Path) -> No
     ("text", "message"),
     [
         ("grid:\n  lora.rnk: [4]\n", "s.yaml: grid: unknown config key `lora.rnk`; did you mean `lora.rank`?"),
+        ("grid:\n  lora: {rnk: [4]}\n", "s.yaml: grid: unknown config key `lora.rnk`; did you mean `lora.rank`?"),
         ("grid:\n  lora.rank: 4\n", "s.yaml: grid: `lora.rank` needs a non-empty list of values, got 4"),
         (
             "grid: {lora.rank: [4]}\nruns: [{lora.rank: 4}]\n",
