@@ -18,7 +18,7 @@ from pathlib import Path
 
 from kontext_lora.config import Config, ConfigError, load_config, to_yaml
 from kontext_lora.sweep.spec import Run, Sweep
-from kontext_lora.sweep.state import CONFIG_NAME, STATUS_NAME, atomic_write_text, run_state, write_status
+from kontext_lora.sweep.state import CONFIG_NAME, atomic_write_text, run_state, write_status
 
 LAUNCHERS = ("inprocess", "accelerate")
 ERROR_NAME = "error.txt"  # the full traceback of a failed run
@@ -195,6 +195,3 @@ def _one_line(exc: BaseException) -> str:
     """The project's own errors already name the key or file; anything else also says what kind of error it was."""
     text = " ".join(str(exc).split()) or "(no message)"
     return text if type(exc).__module__.startswith("kontext_lora") else f"{type(exc).__name__}: {text}"
-
-
-__all__ = ["LAUNCHERS", "PreparedRun", "prepare_runs", "run_sweep", "train_command", "STATUS_NAME"]
