@@ -159,8 +159,11 @@ def plot_losses(sweep: Sweep, rows: list[RunSummary], path: Path) -> Path | None
     curves = [row for row in rows if row.losses]
     if not curves:
         return None
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # a declared dependency; without it the tables are still written
+        print(f"[sweep] matplotlib is not installed, so {path.name} is not drawn (pip install matplotlib)")
+        return None
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
