@@ -144,6 +144,9 @@ def _train_in_process(cfg: Config) -> None:
     # first is refused, and a run that failed mid-accumulation would leave its gradient-sync flag to the next one.
     AcceleratorState._reset_state()
     GradientState._reset_state()
+    # speed.compile compiles each run's new transformer blocks: without a reset, dynamo's per-function cache limit
+    # is reached after a few runs and later runs would silently train uncompiled (and time differently).
+    torch._dynamo.reset()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # peak_gib must be this run's, not the sweep's so far
     try:
