@@ -153,8 +153,8 @@ class ValidationConfig:
     use_ema: bool = opt(False, "Validate (and pick the best) with the EMA weights instead of the raw adapter.")
     best_metric: str = opt(
         "heldout_loss",
-        "Metric that picks the best checkpoint (written to best/ and best.json); psnr is maximised, others minimised.",
-        ("heldout_loss", "l1", "psnr", "outside_change", "none"),
+        "Metric picking the best step (adapter in best/, record in best.json); edit_psnr maximised, others minimised.",
+        ("heldout_loss", "edit_l1", "edit_psnr", "edit_outside_change", "none"),
     )
 
 
@@ -263,6 +263,15 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"config key `ema.decay`: must be in [0, 1], got {cfg.ema.decay}")
     if any(not 0.0 < s <= 1.0 for s in cfg.validation.sigmas):
         raise ConfigError(f"config key `validation.sigmas`: each must be in (0, 1], got {cfg.validation.sigmas}")
+    val = cfg.validation
+    has_targets = bool(val.heldout_path or val.heldout_count or any(e.target for e in val.examples))
+    if val.every and not (has_targets or val.examples):
+        raise ConfigError("config key `validation.every`: list validation.examples, a heldout_path or a heldout_count")
+    if val.every and val.best_metric != "none" and not has_targets:
+        raise ConfigError(
+            f"config key `validation.best_metric`: {val.best_metric} needs items with a target (heldout_path, "
+            "heldout_count or examples with `target`); or set it to none"
+        )
     if cfg.validation.use_ema and not cfg.ema.enabled:
         raise ConfigError("config key `validation.use_ema`: needs ema.enabled=true")
     if not 0.0 <= cfg.lora.dropout < 1.0:

@@ -78,6 +78,14 @@ def train(cfg: Config) -> Path:
     # Data: discover and check every file before any model is loaded, so bad input fails in seconds
     # (and leaves no run folder behind).
     triples = [t for ds in cfg.data.datasets for t in discover_triples(ds.path, ds.default_caption)]
+    items = None
+    if cfg.validation.every:  # validation images are read now too, so a bad one fails before the model loads
+        from kontext_lora.train.validation import split_heldout, validation_items
+
+        heldout: list = []
+        if cfg.validation.heldout_count:
+            triples, heldout = split_heldout(triples, cfg.validation.heldout_count, cfg.train.seed)
+        items = validation_items(cfg, heldout)
     pixels = TripleDataset(triples, cfg.data.resolution)
     pixels.verify()
     accelerator.print(f"[kontext-lora] {len(triples)} triples from {len(cfg.data.datasets)} dataset(s)")
@@ -90,9 +98,14 @@ def train(cfg: Config) -> Path:
     pipe = load_pipeline(cfg.model)
     pipe.to(accelerator.device)
     encoded = encode_dataset(pipe, pixels, cfg.model.max_sequence_length, show_progress=accelerator.is_main_process)
+    validator = None
+    if items is not None:  # encodes the validation prompts now: the text encoders go with `pipe`
+        from kontext_lora.train.validation import Validator
+
+        validator = Validator(cfg, pipe, items, accelerator)
     transformer = pipe.transformer
     del pipe
-    return fit(cfg, transformer, encoded, accelerator)
+    return fit(cfg, transformer, encoded, accelerator, validator=validator)
 
 
 def _accelerator(cfg: Config) -> Accelerator:
@@ -111,12 +124,12 @@ def fit(
     accelerator: Accelerator | None = None,
     *,
     pipeline=None,
-    heldout_triples: list = (),
+    validator=None,
 ) -> Path:
     """Inject the LoRA into `transformer` and train it on cached encodings; returns the final adapter's path.
 
-    `pipeline` (the FluxKontextPipeline whose transformer this is) enables validation.every: its VAE and scheduler
-    sample the validation edits; `heldout_triples` are validated besides validation.examples / heldout_path.
+    Validation (validation.every) needs a `validator` (see train()) or the FluxKontextPipeline whose transformer
+    this is (`pipeline`: its VAE, scheduler and text encoders build one on validation.examples / heldout_path).
     """
     accelerator = accelerator or _accelerator(cfg)
     out_dir = Path(cfg.output.dir)
@@ -150,11 +163,11 @@ def fit(
     ema = AdapterEMA(params, cfg.ema) if cfg.ema.enabled else None
     save = _saver(accelerator, transformer, cfg, ema)
     batches = _Batches(loader)
-    validator = None
-    if pipeline is not None and cfg.validation.every:
-        from kontext_lora.train.validation import Validator
+    if validator is None and pipeline is not None and cfg.validation.every:
+        from kontext_lora.train.validation import Validator, validation_items
 
-        validator = Validator(cfg, pipeline, list(heldout_triples), accelerator)
+        validator = Validator(cfg, pipeline, validation_items(cfg), accelerator)
+    validator = validator if cfg.validation.every else None
     state = _TrainingState(accelerator, transformer, optimizer, scheduler, ema, batches, noise_generator)
     resume_from = _resume_folder(cfg, out_dir)
     if accelerator.is_main_process:
