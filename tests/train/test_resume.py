@@ -23,6 +23,15 @@ from ..conftest import EXAMPLES
 STEPS = 8
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: the tiny model gains nothing from more, and on a shared 2-core machine they thrash."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _write_config(path: Path, tiny_model_dir: Path, out: Path) -> Path:
     # Everything that could go wrong on resume is exercised: 2 micro-batches a step over 4-batch epochs (the data
     # position crosses epochs mid-step), LoRA dropout (global torch RNG), a warm-up + cosine schedule, an EMA.

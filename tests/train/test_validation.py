@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -23,6 +24,15 @@ from kontext_lora.train.validation import Validator, split_heldout, validation_i
 from ..conftest import EXAMPLES
 
 RES = 32
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: the tiny model gains nothing from more, and on a shared 2-core machine they thrash."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _heldout_folder(root: Path, stems: list[str]) -> Path:
