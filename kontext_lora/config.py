@@ -127,7 +127,7 @@ class EmaConfig:
     decay: float = opt(0.999, "EMA decay: ema = decay * ema + (1 - decay) * weights at each update.")
     every: int = opt(1, "Update the EMA every N optimizer steps.")
     ramp: bool = opt(
-        True, "Ramp the decay up as min(decay, (1+n)/(10+n)) over the first n updates (diffusers EMAModel)."
+        True, "Ramp the decay as min(decay, n/(9+n)) at the n-th update (diffusers EMAModel); false: constant decay."
     )
 
 

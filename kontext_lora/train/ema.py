@@ -22,8 +22,8 @@ EMA_WEIGHT_NAME = "pytorch_lora_weights_ema.safetensors"
 class AdapterEMA:
     """EMA of the LoRA parameters, updated every `cfg.every` optimizer steps.
 
-    Update n (counted from 1) uses decay d_n = min(decay, (1 + n - 1) / (10 + n - 1)) with `ramp`, else d_n = decay;
-    the first update copies the weights (d_1 = 0): ema_n = d_n * ema_{n-1} + (1 - d_n) * weights.
+    Update n (counted from 1) uses decay d_n = min(decay, n / (9 + n)) with `ramp`, else d_n = decay; the first
+    update copies the weights (d_1 = 0): ema_n = d_n * ema_{n-1} + (1 - d_n) * weights.
     """
 
     def __init__(self, parameters: list[torch.nn.Parameter], cfg: EmaConfig):

@@ -90,6 +90,7 @@ def train(cfg: Config) -> Path:
     pixels.verify()
     accelerator.print(f"[kontext-lora] {len(triples)} triples from {len(cfg.data.datasets)} dataset(s)")
     out_dir = Path(cfg.output.dir)
+    _resume_folder(cfg, out_dir)  # a bad train.resume fails now, not after the model has loaded
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(to_yaml(cfg))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -136,3 +137,22 @@ def test_heldout_split_is_seeded_and_disjoint() -> None:
     assert len(heldout) == 2 and len(train) == 6
     assert not {t.stem for t in train} & {t.stem for t in heldout}
     assert split_heldout(triples, 2, seed=0) == (train, heldout)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["validation.every=5"], "`validation.every`: list validation.examples"),
+        (["validation.every=5", "validation.examples=[{control: a.png, prompt: p}]"], "`validation.best_metric`"),
+        (["validation.use_ema=true"], "`validation.use_ema`: needs ema.enabled=true"),
+        (["validation.best_metric=psnr"], "did you mean `edit_psnr`"),
+        (["validation.sigmas=[0.0]"], "`validation.sigmas`"),
+        (["ema.decay=1.5"], "`ema.decay`"),
+        (["output.keep_last=-1"], "`output.keep_last`"),
+    ],
+)
+def test_config_errors_name_the_key(overrides: list[str], message: str) -> None:
+    from kontext_lora.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, ["model.pretrained=x", "data.datasets=[{path: d}]", *overrides])
