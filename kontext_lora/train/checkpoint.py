@@ -212,19 +212,29 @@ def prune(out_dir: Path, keep_last: int) -> list[Path]:
     old = complete_checkpoints(out_dir)[:-keep_last]
     for folder in old:
         # Renamed first, so a crash mid-delete cannot leave a partial folder that still holds its marker.
-        trash = folder.with_name(f".trash-{folder.name}")
-        os.rename(folder, trash)
-        shutil.rmtree(trash)
+        doomed = folder.with_name(f".deleting-{folder.name}")
+        os.rename(folder, doomed)
+        shutil.rmtree(doomed)
     return old
 
 
 def clean_stale(out_dir: Path) -> None:
-    """Remove temp and trash folders left by a crash (main process, before training starts)."""
+    """Tidy up after a crash (main process, before training starts): remove temp and half-deleted folders, and put
+    back a folder that `replace_dir` had moved aside when the crash came before its replacement was in place."""
     out_dir = Path(out_dir)
-    if out_dir.is_dir():
-        for path in out_dir.iterdir():
-            if path.is_dir() and path.name.startswith((".tmp-step-", ".trash-", ".tmp-best")):
+    if not out_dir.is_dir():
+        return
+    for path in sorted(out_dir.iterdir()):
+        if not path.is_dir():
+            continue
+        if path.name.startswith(".trash-"):
+            original = path.with_name(path.name.removeprefix(".trash-"))
+            if original.exists():
                 shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.rename(path, original)
+        elif path.name.startswith((".tmp-step-", ".tmp-best", ".deleting-")):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def resolve_resume(resume: str, out_dir: Path) -> Path | None:

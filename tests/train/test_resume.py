@@ -192,3 +192,12 @@ def test_resume_from_an_incomplete_folder_names_it(tmp_path: Path) -> None:
     with pytest.raises(checkpoint.CheckpointError, match="step-000002 is not a complete checkpoint"):
         checkpoint.resolve_resume(str(tmp_path / "step-000002"), tmp_path)
     assert checkpoint.resolve_resume("latest", tmp_path) is None  # nothing yet: `latest` starts fresh
+
+
+def test_clean_stale_restores_a_folder_moved_aside_and_drops_partial_ones(tmp_path: Path) -> None:
+    for name in (".trash-best", ".trash-step-000002", "step-000002", ".tmp-step-000004", ".deleting-step-000001"):
+        (tmp_path / name).mkdir()
+    (tmp_path / ".trash-best" / "pytorch_lora_weights.safetensors").write_bytes(b"old best")
+    checkpoint.clean_stale(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "step-000002"]
+    assert (tmp_path / "best" / "pytorch_lora_weights.safetensors").read_bytes() == b"old best"
