@@ -170,19 +170,7 @@ def fit(
         validator = Validator(cfg, pipeline, validation_items(cfg), accelerator)
     validator = validator if cfg.validation.every else None
     state = _TrainingState(accelerator, transformer, optimizer, scheduler, ema, batches, noise_generator)
-    resume_from = _resume_folder(cfg, out_dir)
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.clean_stale(out_dir)
-    step = 0
-    if resume_from is None:
-        if accelerator.is_main_process:  # a fresh run starts a fresh log
-            (out_dir / METRICS_NAME).unlink(missing_ok=True)
-    else:
-        step = state.load(resume_from)
-        accelerator.print(f"[kontext-lora] resumed from {resume_from} at step {step}")
-        if accelerator.is_main_process:  # the log continues; records of steps past the checkpoint are replayed
-            _truncate_metrics(out_dir, step)
+    step = _start_or_resume(cfg, out_dir, state)
     progress = tqdm(total=cfg.train.steps, initial=step, desc="training", unit="step",
                     disable=not accelerator.is_main_process)  # fmt: skip
     loss_sum, micro, tick = 0.0, 0, time.perf_counter()
@@ -254,6 +242,24 @@ def _truncate_metrics(out_dir: Path, step: int) -> None:
     tmp = path.with_name(f".{METRICS_NAME}.tmp")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _start_or_resume(cfg: Config, out_dir: Path, state: _TrainingState) -> int:
+    """Start fresh (a new metrics log) or restore the checkpoint train.resume names; returns the step to go on from."""
+    accelerator = state.accelerator
+    resume_from = _resume_folder(cfg, out_dir)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.clean_stale(out_dir)
+    if resume_from is None:
+        if accelerator.is_main_process:
+            (out_dir / METRICS_NAME).unlink(missing_ok=True)
+        return 0
+    step = state.load(resume_from)
+    accelerator.print(f"[kontext-lora] resumed from {resume_from} at step {step}")
+    if accelerator.is_main_process:  # the log continues; records of steps past the checkpoint are written again
+        _truncate_metrics(out_dir, step)
+    return step
 
 
 def _resume_folder(cfg: Config, out_dir: Path) -> Path | None:
