@@ -96,6 +96,8 @@ class Validator:
     def __init__(self, cfg: Config, pipe, items: list[ValidationItem], accelerator: Accelerator):
         from diffusers import FluxKontextPipeline
 
+        if not items:
+            raise ValueError("validation has no items: set validation.examples, heldout_path or heldout_count")
         self.cfg, self.items, self.accelerator = cfg, items, accelerator
         self.out_dir = Path(cfg.output.dir)
         self.pipeline_class = FluxKontextPipeline
