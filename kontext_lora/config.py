@@ -159,6 +159,28 @@ class ValidationConfig:
 
 
 @dataclass
+class SpeedConfig:
+    attention_backend: str = opt(
+        "auto",
+        "SDPA kernel in training, set process-wide: auto (cuDNN on Hopper+ GPUs, else PyTorch's pick), flash, cudnn, "
+        "efficient, math.",
+        ("auto", "flash", "cudnn", "efficient", "math"),
+    )
+    compile: str = opt(
+        "auto",
+        "torch.compile: blocks (each repeated block, regional), none (eager), auto (blocks on CUDA, none on CPU).",
+        ("auto", "blocks", "none"),
+    )
+    checkpoint_fraction: float = opt(
+        1.0, "With train.gradient_checkpointing: fraction of the blocks recomputed in backward (1.0 = all)."
+    )
+    activation_budget: float = opt(
+        1.0, "With compile: fraction of each block's activations kept for backward; the compiler recomputes the rest."
+    )
+    fp8_base: bool = opt(False, "Frozen base linears as torchao float8 matmuls (GPUs with fp8 tensor cores).")
+
+
+@dataclass
 class Config:
     model: ModelConfig = opt(ModelConfig(), "The base model.")
     data: DataConfig = opt(DataConfig(), "Training data.")
@@ -168,6 +190,7 @@ class Config:
     logging: LoggingConfig = opt(LoggingConfig(), "Metrics logging.")
     ema: EmaConfig = opt(EmaConfig(), "Exponential moving average of the adapter.")
     validation: ValidationConfig = opt(ValidationConfig(), "Sampling and metrics during training.")
+    speed: SpeedConfig = opt(SpeedConfig(), "Training fast path (docs/performance.md).")
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -222,6 +245,8 @@ def _check_choices(cfg: Any, prefix: str = "") -> None:
         if choices and value not in choices:
             near = difflib.get_close_matches(str(value), choices, n=1)
             hint = f"; did you mean `{near[0]}`?" if near else ""
+            if value in ("True", "False"):  # YAML 1.1 reads on/off/yes/no as booleans
+                hint = " (YAML reads on/off/yes/no as true/false)"
             raise ConfigError(f"config key `{full}`: {value!r} is not one of {', '.join(choices)}{hint}")
         if dataclasses.is_dataclass(value):
             _check_choices(value, full)
@@ -276,6 +301,9 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError("config key `validation.use_ema`: needs ema.enabled=true")
     if not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError(f"config key `lora.dropout`: must be in [0, 1), got {cfg.lora.dropout}")
+    for key in ("checkpoint_fraction", "activation_budget"):
+        if not 0.0 <= getattr(cfg.speed, key) <= 1.0:
+            raise ConfigError(f"config key `speed.{key}`: must be in [0, 1], got {getattr(cfg.speed, key)}")
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -20,6 +20,7 @@ from kontext_lora.export.diffusers_format import WEIGHT_NAME, read_lora_file, sa
 from kontext_lora.export.formats import read_adapter, write_exports
 from kontext_lora.model.load import load_pipeline
 from kontext_lora.model.lora import adapter_state, inject_lora, load_adapter_state, lora_parameters
+from kontext_lora.model.speed import apply_speed
 from kontext_lora.train import checkpoint
 from kontext_lora.train.ema import EMA_WEIGHT_NAME, AdapterEMA
 from kontext_lora.train.encode import collate_encoded, encode_dataset
@@ -137,8 +138,8 @@ def fit(
     inject_lora(transformer, cfg.lora)
     if cfg.lora.init_from:
         _init_from_file(transformer, cfg)
-    if cfg.train.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+    applied = apply_speed(transformer, cfg.speed, cfg.train.gradient_checkpointing, accelerator.device)
+    accelerator.print(f"[kontext-lora] fast path: {applied}")
     params = lora_parameters(transformer)
 
     loader = DataLoader(

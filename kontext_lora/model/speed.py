@@ -1,0 +1,172 @@
+"""The training fast path: attention kernel, regional compilation, partial checkpointing, float8 base matmuls.
+
+Each option is one config key (`speed.*`) and one function here; `apply_speed` applies them in the order that
+matters (LoRA injected first, compile last). scripts/bench_step.py measures what each one buys.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from kontext_lora.config import SpeedConfig
+
+# PyTorch's SDPA kernels, switched process-wide (see `set_attention_backend`).
+_SDPA_FLAGS = {
+    "flash": "enable_flash_sdp",
+    "efficient": "enable_mem_efficient_sdp",
+    "cudnn": "enable_cudnn_sdp",
+    "math": "enable_math_sdp",
+}
+
+
+def resolve_attention_backend(name: str, device: torch.device) -> str:
+    """`auto` -> cuDNN on Hopper or newer CUDA GPUs (about 2x flash at Kontext's sequence lengths), else PyTorch's
+    own choice; any other name is returned as is."""
+    if name != "auto":
+        return name
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
+        return "cudnn"
+    return "default"
+
+
+def set_attention_backend(name: str) -> None:
+    """Allow only the named SDPA kernel (plus math as the fallback for shapes it refuses), process-wide.
+
+    Process-wide flags rather than a `sdpa_kernel(...)` context around the forward: the backward of a checkpointed
+    block recomputes the forward outside any such context, and must pick the kernel the forward picked.
+    """
+    if name == "default":
+        for flag in _SDPA_FLAGS.values():
+            getattr(torch.backends.cuda, flag)(True)
+        return
+    for kernel, flag in _SDPA_FLAGS.items():
+        getattr(torch.backends.cuda, flag)(kernel in (name, "math"))
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity forward; backward hands on the incoming gradient made contiguous."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def _contiguous_grad_hook(module: torch.nn.Module, args, output):
+    if isinstance(output, torch.Tensor):
+        return _ContiguousGrad.apply(output)
+    if isinstance(output, tuple):
+        return tuple(_ContiguousGrad.apply(t) if isinstance(t, torch.Tensor) else t for t in output)
+    return output
+
+
+def contiguous_attention_grads(transformer: torch.nn.Module) -> list:
+    """Make the gradient reaching every attention module's output contiguous; returns the hook handles.
+
+    Why: in eager mode cuDNN's attention backward crashed inside the full Flux model with an illegal memory access
+    (PyTorch 2.11, cuDNN 9.19, H200; also with diffusers' `_native_cudnn` backend). A single block concatenates the
+    attention output with the MLP branch, so the gradient flowing back into SDPA is a strided slice (row stride
+    5 * 3072, not 3072); with it made contiguous the full model trains on cuDNN and matches flash (docs/performance.md).
+    Compiled blocks did not need it. The copy is one (tokens x 3072) tensor per single block.
+    """
+    return [
+        module.register_forward_hook(_contiguous_grad_hook)
+        for module in transformer.modules()
+        if type(module).__name__ in ("FluxAttention", "Attention") and hasattr(module, "processor")
+    ]
+
+
+def transformer_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks in execution order: 19 double then 38 single blocks in FLUX.1 (2 + 2 in the tiny model)."""
+    return list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+
+
+def checkpointed_blocks(transformer: torch.nn.Module, fraction: float) -> list[int]:
+    """Indices of the blocks to recompute in backward: `fraction` of them, spread evenly over the depth."""
+    count = len(transformer_blocks(transformer))
+    chosen = min(count, math.ceil(fraction * count - 1e-9))
+    return sorted({int(i * count / chosen) for i in range(chosen)}) if chosen else []
+
+
+def enable_checkpointing(transformer: torch.nn.Module, fraction: float = 1.0) -> list[int]:
+    """Checkpoint `fraction` of the blocks through diffusers' own hook; returns the indices checkpointed.
+
+    diffusers calls the hook for every block when checkpointing is on; ours recomputes only the chosen blocks and runs
+    the others normally, which trades memory for speed in steps of one block.
+    """
+    blocks = transformer_blocks(transformer)
+    indices = checkpointed_blocks(transformer, fraction)
+    chosen = {id(blocks[i]) for i in indices}
+
+    def some_blocks(block: torch.nn.Module, *args):
+        if id(block) in chosen:
+            return checkpoint(block.__call__, *args, use_reentrant=False)
+        return block(*args)
+
+    transformer.enable_gradient_checkpointing(gradient_checkpointing_func=some_blocks)
+    return indices
+
+
+def compile_blocks(transformer: torch.nn.Module, activation_budget: float = 1.0) -> None:
+    """torch.compile each repeated block (diffusers' regional compilation): one compile per block class, reused.
+
+    activation_budget < 1 asks the compiler's partitioner to keep only that fraction of each block's activations
+    for backward and recompute the cheapest rest (selective checkpointing decided by the compiler).
+    """
+    import torch._functorch.config as functorch_config
+
+    # A private knob, but the only switch for the min-cut partitioner's memory budget (PyTorch 2.4+).
+    functorch_config.activation_memory_budget = activation_budget
+    transformer.compile_repeated_blocks(fullgraph=False, dynamic=False)
+
+
+def float8_base_layers(transformer: torch.nn.Module) -> int:
+    """Swap the frozen base linears under the LoRA layers for torchao Float8Linear (fp8 e4m3 matmuls, dynamic
+    per-tensor scales); returns how many were swapped. Needs a GPU with fp8 tensor cores (sm_89+) and torchao."""
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError:
+        raise ImportError("speed.fp8_base needs torchao (pip install torchao)") from None
+
+    swapped = []
+
+    def is_base_layer(module: torch.nn.Module, name: str) -> bool:
+        # Only the frozen weights under LoRA; dims must be multiples of 16 for the fp8 GEMM.
+        ok = name.endswith("base_layer") and isinstance(module, torch.nn.Linear)
+        ok = ok and module.in_features % 16 == 0 and module.out_features % 16 == 0
+        if ok:
+            swapped.append(name)
+        return ok
+
+    convert_to_float8_training(transformer, config=Float8LinearConfig(), module_filter_fn=is_base_layer)
+    return len(swapped)
+
+
+def apply_speed(
+    transformer: torch.nn.Module, cfg: SpeedConfig, gradient_checkpointing: bool, device: torch.device
+) -> dict[str, object]:
+    """Apply the `speed.*` options to a transformer whose LoRA is already injected; returns what was applied."""
+    applied: dict[str, object] = {}
+    backend = resolve_attention_backend(cfg.attention_backend, device)
+    set_attention_backend(backend)
+    applied["attention"] = backend
+    if backend == "cudnn":
+        transformer._kontext_grad_hooks = contiguous_attention_grads(transformer)
+    if cfg.fp8_base:
+        applied["fp8_layers"] = float8_base_layers(transformer)
+    if gradient_checkpointing:
+        applied["checkpointed_blocks"] = len(enable_checkpointing(transformer, cfg.checkpoint_fraction))
+    if _wants_compile(cfg.compile, device):
+        compile_blocks(transformer, cfg.activation_budget)
+        applied["compiled"] = True
+    return applied
+
+
+def _wants_compile(setting: str, device: torch.device) -> bool:
+    return setting == "blocks" or (setting == "auto" and device.type == "cuda")

@@ -1,0 +1,445 @@
+"""Seconds per training step of a full-size Kontext LoRA: the diffusers-example loop against ours, one table.
+
+Builds FLUX.1-Kontext's transformer (12B, random weights, bf16) on the GPU, feeds inputs shaped as a cached Kontext
+batch (target + control latents of the same size, 512 T5 tokens), and runs each variant in its own process (a
+failing kernel cannot poison the next variant; memory peaks are per variant):
+
+- `reference`: the loop of diffusers' train_dreambooth_lora_flux_kontext.py: bf16 base, fp32 LoRA params under
+  autocast, eager, every block checkpointed, foreach AdamW, PyTorch's default attention kernel.
+- `ours-*`: the project's own `training_step` (the function `fit` runs) after `apply_speed` with the variant's
+  `speed.*` / `train.*` overrides, under accelerate (bf16 mixed precision) as in training.
+
+Every variant starts from the same LoRA (lora_B drawn at random so lora_A gets gradients too) and the same noise;
+the first step's loss and LoRA gradients are saved, and the table gives their relative error against `ours-eager`
+(the eager bf16 path). Usage:
+
+    python scripts/bench_step.py --res 1024 512 --variants reference ours-eager ours-fast
+    python scripts/bench_step.py --tiny --res 64            # a CPU smoke run on the tiny model's shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+FULL = dict(
+    in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)  # fmt: skip
+TEXT_TOKENS = 512
+RANK = 16
+# The diffusers example's default `--lora_layers` (14 module kinds; a suffix match, so it also adapts the final
+# proj_out); ours is the `attention_mlp` preset: the same 13 kinds inside the blocks.
+REFERENCE_TARGETS = [
+    "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj",
+    "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out",
+]  # fmt: skip
+
+# speed.* / train.* overrides of each of our variants; each option alone, then together.
+VARIANTS: dict[str, list[str]] = {
+    "ours-eager": ["speed.attention_backend=flash", "speed.compile=none"],
+    "ours-cudnn": ["speed.attention_backend=cudnn", "speed.compile=none"],
+    "ours-compile": ["speed.attention_backend=flash", "speed.compile=blocks"],
+    "ours-compile-cudnn": ["speed.attention_backend=cudnn", "speed.compile=blocks"],
+    "ours-ckpt50": ["speed.attention_backend=cudnn", "speed.compile=blocks", "speed.checkpoint_fraction=0.5"],
+    "ours-ckpt25": ["speed.attention_backend=cudnn", "speed.compile=blocks", "speed.checkpoint_fraction=0.25"],
+    "ours-budget": [
+        "speed.attention_backend=cudnn",
+        "speed.compile=blocks",
+        "train.gradient_checkpointing=false",
+        "speed.activation_budget=0.5",
+    ],  # fmt: skip
+    "ours-nockpt": ["speed.attention_backend=cudnn", "speed.compile=blocks", "train.gradient_checkpointing=false"],
+    "ours-fp8": ["speed.attention_backend=cudnn", "speed.compile=blocks", "speed.fp8_base=true"],
+    # Diagnostics of the cuDNN kernel inside Flux blocks: diffusers' own `_native_cudnn` attention backend (q/k/v made
+    # contiguous in (B, H, S, D)), with and without checkpointing, against our process-wide kernel switch.
+    "diag-diffusers-cudnn": ["speed.attention_backend=auto", "speed.compile=none", "!_native_cudnn"],
+    "diag-diffusers-cudnn-nockpt": [
+        "speed.attention_backend=auto",
+        "speed.compile=none",
+        "!_native_cudnn",
+        "train.gradient_checkpointing=false",
+    ],  # fmt: skip
+    "diag-cudnn-nockpt": ["speed.attention_backend=cudnn", "speed.compile=none", "train.gradient_checkpointing=false"],
+    "ours-fp8-budget30": [
+        "speed.attention_backend=cudnn",
+        "speed.compile=blocks",
+        "train.gradient_checkpointing=false",
+        "speed.activation_budget=0.3",
+        "speed.fp8_base=true",
+    ],  # fmt: skip
+    "ours-fp8-budget": [
+        "speed.attention_backend=cudnn",
+        "speed.compile=blocks",
+        "train.gradient_checkpointing=false",
+        "speed.activation_budget=0.5",
+        "speed.fp8_base=true",
+    ],  # fmt: skip
+    "diag-cudnn-nofix": ["speed.attention_backend=cudnn", "speed.compile=none", "!nofix"],
+    "ours-budget30": [
+        "speed.attention_backend=cudnn",
+        "speed.compile=blocks",
+        "train.gradient_checkpointing=false",
+        "speed.activation_budget=0.3",
+    ],  # fmt: skip
+    "ours-budget50-ckpt25": [
+        "speed.attention_backend=cudnn",
+        "speed.compile=blocks",
+        "speed.checkpoint_fraction=0.25",
+        "speed.activation_budget=0.5",
+    ],  # fmt: skip
+}
+
+
+def step_flops(target_tokens: int, control_tokens: int, text_tokens: int = TEXT_TOKENS, cfg: dict = FULL) -> float:
+    """Model FLOPs of one training step (batch 1): forward + input-gradient backward of the frozen base, no recompute.
+
+    Per token and block: 12 d^2 multiply-adds (double: qkv 3, out 1, MLP 8 per stream; single: linear1 7, linear2 5).
+    Attention: QK^T and PV, 2 N^2 d multiply-adds forward, twice that backward. The base's weight gradients are not
+    needed (frozen); LoRA's own FLOPs (rank 16) are under 1% and left out. Recompute is overhead, so not counted.
+    """
+    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    blocks = cfg["num_layers"] + cfg["num_single_layers"]
+    tokens = target_tokens + control_tokens + text_tokens
+    linear = 2 * 12 * d * d * tokens * blocks  # forward FLOPs (2 per multiply-add)
+    attention = 2 * 2 * tokens * tokens * d * blocks
+    return (linear + attention) + (linear + 2 * attention)  # forward + backward
+
+
+def build_transformer(tiny: bool, device: torch.device, layers: list[int] | None = None) -> torch.nn.Module:
+    """A randomly initialised Kontext transformer in bf16, built directly on `device` (no download).
+
+    layers = [double, single] builds a shallower model of full width (for kernel diagnostics)."""
+    from diffusers import FluxTransformer2DModel
+
+    from kontext_lora.model.tiny import TINY_TRANSFORMER
+
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        shape = dict(TINY_TRANSFORMER if tiny else FULL)
+        if layers:
+            shape.update(num_layers=layers[0], num_single_layers=layers[1])
+        transformer = FluxTransformer2DModel(**shape)
+    torch.set_default_dtype(torch.float32)
+    return transformer.requires_grad_(False)
+
+
+def make_batch(resolution: int, tiny: bool, device: torch.device):
+    """A cached Kontext batch of one sample: latents (1, 16, R/8, R/8) for target and control, T5 (1, 512, 4096)."""
+    from kontext_lora.train.objective import LatentBatch
+
+    generator = torch.Generator().manual_seed(1)
+    side = resolution // 8
+    joint, pooled = (32, 32) if tiny else (FULL["joint_attention_dim"], FULL["pooled_projection_dim"])
+    text = 16 if tiny else TEXT_TOKENS
+    return LatentBatch(
+        target_latents=torch.randn(1, 16, side, side, generator=generator),
+        control_latents=torch.randn(1, 16, side, side, generator=generator),
+        prompt_embeds=torch.randn(1, text, joint, generator=generator),
+        pooled_embeds=torch.randn(1, pooled, generator=generator),
+    ).to(device, torch.bfloat16)
+
+
+def randomize_lora_b(transformer: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Draw every lora_B from N(0, 0.01^2) with a fixed CPU seed (same in every variant), so lora_A gets gradients."""
+    generator = torch.Generator().manual_seed(2)
+    params = []
+    for name, param in sorted(transformer.named_parameters()):
+        if "lora_" in name and param.requires_grad:
+            params.append(param)
+            if "lora_B" in name:
+                param.data.copy_(torch.randn(param.shape, generator=generator) * 0.01)
+    return params
+
+
+def reference_step_fn(transformer: torch.nn.Module, batch, device: torch.device):
+    """The diffusers example's step (train_dreambooth_lora_flux_kontext.py), written out independently of ours."""
+    from diffusers import FluxKontextPipeline
+    from peft import LoraConfig
+
+    transformer.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian",
+                                       target_modules=REFERENCE_TARGETS))  # fmt: skip
+    for param in transformer.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()  # cast_training_params(transformer, dtype=torch.float32)
+    params = randomize_lora_b(transformer)
+    transformer.enable_gradient_checkpointing()
+    # PyTorch 2.11 would pick cuDNN's attention here, whose backward crashes inside Flux blocks in eager mode (see
+    # kontext_lora/model/speed.py); the diffusers-style loop runs with it off, i.e. on the flash kernel.
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    generator = torch.Generator(device).manual_seed(0)
+    latents, control = batch.target_latents, batch.control_latents
+    _, channels, h, w = latents.shape
+    pack = FluxKontextPipeline._pack_latents
+    image_ids = FluxKontextPipeline._prepare_latent_image_ids(1, h // 2, w // 2, device, latents.dtype)
+    control_ids = image_ids.clone()
+    control_ids[:, 0] = 1
+    ids = torch.cat([image_ids, control_ids])
+    txt_ids = torch.zeros(batch.prompt_embeds.shape[1], 3, device=device, dtype=latents.dtype)
+
+    def step(grads_out: Path | None) -> float:
+        noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+        sigmas = torch.sigmoid(torch.randn(1, generator=generator, device=device))
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            sigma = sigmas.view(-1, 1, 1, 1).to(latents.dtype)
+            noisy = (1.0 - sigma) * latents + sigma * noise
+            hidden = torch.cat([pack(noisy, 1, channels, h, w), pack(control, 1, channels, h, w)], dim=1)
+            pred = transformer(
+                hidden_states=hidden, timestep=sigmas, guidance=torch.ones(1, device=device),
+                pooled_projections=batch.pooled_embeds, encoder_hidden_states=batch.prompt_embeds,
+                txt_ids=txt_ids, img_ids=ids, return_dict=False,
+            )[0][:, : (h // 2) * (w // 2)]  # fmt: skip
+            target = pack(noise - latents, 1, channels, h, w)
+            loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def ours_step_fn(transformer: torch.nn.Module, batch, device: torch.device, overrides: list[str]):
+    """The project's path: inject_lora -> apply_speed -> accelerate -> training_step, as `fit` runs them."""
+    from accelerate import Accelerator
+
+    from kontext_lora.config import load_config
+    from kontext_lora.model.lora import inject_lora
+    from kontext_lora.model.speed import apply_speed
+    from kontext_lora.train.loop import training_step
+
+    diffusers_backend = [o[1:] for o in overrides if o.startswith("!")]
+    overrides = [o for o in overrides if not o.startswith("!")]
+    cfg = load_config(None, [
+        "model.pretrained=unused", "data.datasets=[{path: unused}]", f"lora.rank={RANK}", f"lora.alpha={RANK}",
+        "lora.preset=attention_mlp", "train.mixed_precision=bf16", "train.gradient_checkpointing=true",
+        "train.lr=1e-4", *overrides,
+    ])  # fmt: skip
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    inject_lora(transformer, cfg.lora)
+    params = randomize_lora_b(transformer)
+    applied = apply_speed(transformer, cfg.speed, cfg.train.gradient_checkpointing, device)
+    if "nofix" in diffusers_backend:  # the cuDNN diagnostic without our gradient-layout hooks
+        for handle in transformer._kontext_grad_hooks:
+            handle.remove()
+        applied["attention"] += " without contiguous_attention_grads"
+        diffusers_backend.remove("nofix")
+    if diffusers_backend:
+        from kontext_lora.model.speed import set_attention_backend
+
+        set_attention_backend("default")
+        transformer.set_attention_backend(diffusers_backend[0])
+        applied["attention"] = f"diffusers {diffusers_backend[0]}"
+    print(f"applied: {applied}", flush=True)
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, fused=device.type == "cuda")
+    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    transformer.train()
+    generator = torch.Generator(device).manual_seed(0)
+
+    def step(grads_out: Path | None) -> float:
+        loss = training_step(transformer, batch, cfg, generator)
+        accelerator.backward(loss)
+        if grads_out is not None:
+            _save_first_step(grads_out, loss, params)
+        accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def _save_first_step(path: Path, loss: torch.Tensor, params: list[torch.nn.Parameter]) -> None:
+    from safetensors.torch import save_file
+
+    grads = torch.cat([p.grad.detach().float().flatten() for p in params]).cpu()
+    save_file({"loss": loss.detach().float().reshape(1).cpu(), "grads": grads}, str(path))
+
+
+def run_child(args: argparse.Namespace) -> None:
+    """Build, set up one variant, time it; print one `RESULT {json}` line."""
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    transformer = build_transformer(args.tiny, device, args.layers)
+    batch = make_batch(args.res[0], args.tiny, device)
+    if args.child == "reference":
+        step = reference_step_fn(transformer, batch, device)
+    else:
+        step = ours_step_fn(transformer, batch, device, VARIANTS[args.child])
+    times, losses = [], []
+    for index in range(args.warmup + args.steps):
+        _sync(device)
+        start = time.perf_counter()
+        losses.append(step(Path(args.dump) if index == 0 and args.dump else None))
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        print(f"  step {index}: {times[-1]:.3f} s loss {losses[-1]:.4f}", flush=True)
+    timed = times[args.warmup :]
+    profile = profile_step(step, device) if args.profile and device.type == "cuda" else None
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    result = {
+        "variant": args.child, "res": args.res[0], "layers": args.layers, "s_per_step": statistics.median(timed),
+        "spread": (max(timed) - min(timed)) if len(timed) > 1 else 0.0, "first_step_s": times[0],
+        "peak_gib": peak, "losses": losses, "profile": profile,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    }  # fmt: skip
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def profile_step(step, device: torch.device) -> dict[str, float]:
+    """GPU time of one step by kernel family (ms): where the time goes, for the performance notes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step(None)
+        _sync(device)
+    # Attention first: cuDNN's fused attention kernels also carry "sm90" in their names.
+    families = {"attention": ("sdpa", "fmha", "flash", "attention", "cudnn"), "matmul": ("gemm", "xmma", "cutlass",
+                "sm90", "nvjet", "splitk"), "triton (fused elementwise)": ("triton",)}  # fmt: skip
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        time_us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
+        if not time_us or event.key.startswith(("ProfilerStep", "cudaDeviceSynchronize")):
+            continue
+        name = event.key.lower()
+        family = next((f for f, keys in families.items() if any(k in name for k in keys)), "other")
+        totals[family] = totals.get(family, 0.0) + time_us / 1e3
+    top = sorted(((e.key[:60], (getattr(e, "device_time_total", 0) or 0) / 1e3) for e in prof.key_averages()),
+                 key=lambda item: -item[1])[:8]  # fmt: skip
+    totals["top kernels"] = "; ".join(f"{k}={v:.1f}" for k, v in top)
+    return totals
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_tflops(device: torch.device) -> float:
+    """Measured bf16 matmul rate (8192^3, median of 10): the ceiling MFU is quoted against."""
+    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * 8192**3 / statistics.median(times) / 1e12
+
+
+def compare(dump: Path, baseline: Path) -> tuple[float, float]:
+    """Relative error of the first step's loss and LoRA gradient vector against the baseline's."""
+    from safetensors.torch import load_file
+
+    ours, base = load_file(str(dump)), load_file(str(baseline))
+    loss_err = ((ours["loss"] - base["loss"]).abs() / base["loss"].abs()).item()
+    grad_err = ((ours["grads"] - base["grads"]).norm() / base["grads"].norm()).item()
+    return loss_err, grad_err
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--res", type=int, nargs="+", default=[1024, 512])
+    parser.add_argument("--variants", nargs="+", default=["reference", *VARIANTS])
+    parser.add_argument("--steps", type=int, default=6, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--timeout", type=int, default=300, help="seconds per variant")
+    parser.add_argument("--profile", action="store_true", help="also profile one step by kernel family")
+    parser.add_argument("--loss-baseline", default="ours-eager", help="variant the per-step losses are compared to")
+    parser.add_argument("--layers", type=int, nargs=2, help="double and single blocks (default: FLUX.1's 19 and 38)")
+    parser.add_argument("--tiny", action="store_true", help="tiny model on CPU: checks the script, times nothing real")
+    parser.add_argument("--out", type=Path, default=Path("bench_step.json"))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--dump", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return run_child(args)
+
+    cuda = torch.cuda.is_available() and not args.tiny
+    peak_tflops = matmul_tflops(torch.device("cuda")) if cuda else float("nan")
+    card = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"card: {card}; torch {torch.__version__}; measured bf16 matmul {peak_tflops:.0f} TFLOP/s", flush=True)
+    dumps = Path(os.environ.get("TMPDIR", "/tmp")) / "bench_step_grads"
+    dumps.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for res in args.res:
+        for variant in args.variants:
+            dump = dumps / f"{variant}-{res}.safetensors"
+            dump.unlink(missing_ok=True)
+            command = [sys.executable, __file__, "--child", variant, "--res", str(res), "--steps", str(args.steps),
+                       "--warmup", str(args.warmup), "--dump", str(dump)]  # fmt: skip
+            command += ["--tiny"] if args.tiny else []
+            command += ["--profile"] if args.profile else []
+            command += ["--layers", *map(str, args.layers)] if args.layers else []
+            print(f"== {variant} @ {res}^2", flush=True)
+            started = time.perf_counter()
+            try:
+                proc = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+                output = proc.stdout + proc.stderr
+            except subprocess.TimeoutExpired as exc:
+                output = f"{exc.stdout or ''}{exc.stderr or ''}\nTIMEOUT after {args.timeout} s"
+            result_lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
+            if result_lines:
+                row = json.loads(result_lines[-1][len("RESULT ") :])
+            else:
+                error = [line for line in output.splitlines() if line.strip()][-3:]
+                row = {"variant": variant, "res": res, "error": " | ".join(error)[-300:]}
+            row["wall_s"] = time.perf_counter() - started
+            print(output[-3000:] if "error" in row else "\n".join(output.splitlines()[-4:]), flush=True)
+            row["dump"] = str(dump) if dump.exists() else None
+            rows.append(row)
+            args.out.write_text(json.dumps({"card": card, "peak_tflops": peak_tflops, "rows": rows}, indent=1))
+    print_table(rows, card, peak_tflops, args.tiny, args.loss_baseline)
+
+
+def print_table(rows: list[dict], card: str, peak_tflops: float, tiny: bool, loss_baseline: str) -> None:
+    print(f"\ncard: {card}")
+    print("| res | variant | s/step | spread | peak GiB | MFU | vs reference | loss rel err | grad rel err "
+          f"| mean loss dev vs {loss_baseline} (steps) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        if "error" in row:
+            print(f"| {row['res']} | {row['variant']} | failed: {row['error']} |")
+            continue
+        same_res = {r["variant"]: r for r in rows if r["res"] == row["res"] and "error" not in r}
+        reference, baseline = same_res.get("reference"), same_res.get("ours-eager")
+        tokens = (row["res"] // 16) ** 2
+        shape = {**FULL, **dict(zip(("num_layers", "num_single_layers"), row.get("layers") or (), strict=False))}
+        flops = step_flops(tokens, tokens, cfg=shape)
+        mfu = flops / row["s_per_step"] / (peak_tflops * 1e12) if not tiny else float("nan")
+        ratio = reference["s_per_step"] / row["s_per_step"] if reference else float("nan")
+        errors = ("", "")
+        if baseline and row["dump"] and baseline["dump"] and row["variant"] != "reference":
+            errors = tuple(f"{e:.1e}" for e in compare(Path(row["dump"]), Path(baseline["dump"])))
+        deviation = ""
+        if loss_baseline in same_res and row["variant"] != loss_baseline:
+            ours, base = row["losses"], same_res[loss_baseline]["losses"]
+            n = min(len(ours), len(base))
+            relative = [abs(a - b) / abs(b) for a, b in zip(ours[:n], base[:n], strict=True)]
+            deviation = f"{statistics.mean(relative):.1e} ({n})"
+        print(f"| {row['res']} | {row['variant']} | {row['s_per_step']:.3f} | {row['spread']:.3f} | "
+              f"{row['peak_gib']:.1f} | {mfu:.0%} | {ratio:.2f}x | {errors[0]} | {errors[1]} "
+              f"| {deviation} |")  # fmt: skip
+    for row in rows:
+        if row.get("profile"):
+            top = row["profile"].pop("top kernels", "")
+            families = ", ".join(f"{k} {v:.0f} ms" for k, v in sorted(row["profile"].items(), key=lambda kv: -kv[1]))
+            print(f"profile {row['variant']} @ {row['res']}: {families}\n  top kernels (ms): {top}")
+
+
+if __name__ == "__main__":
+    main()
