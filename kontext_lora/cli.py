@@ -1,4 +1,5 @@
-"""`kontext-lora` command line: train | sweep | infer | export | merge | resize | make-tiny-model | keys."""
+"""`kontext-lora` command line: train | sweep | preflight | cache | infer | export | merge | resize | make-tiny-model |
+keys."""
 
 from __future__ import annotations
 
@@ -42,6 +43,59 @@ def _sweep(args: argparse.Namespace) -> int:
         args.config, args.sweep, args.overrides, out_dir=args.dir, launcher=args.launcher, print_commands=args.print,
         slurm=args.slurm, wandb_sweep=args.wandb_sweep, summary_only=args.summary,
     )  # fmt: skip
+
+
+def _preflight(args: argparse.Namespace) -> int:
+    from kontext_lora.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from pathlib import Path
+
+    from kontext_lora.data.buckets import bucket_table
+    from kontext_lora.data.plan import build_plan
+    from kontext_lora.data.preflight import preflight, write_contact_sheet
+
+    report = preflight(cfg.data)
+    print(report.table())
+    report.raise_on_errors()
+    plan = build_plan(cfg.data, report)
+    print(bucket_table([sample.bucket_key for sample in plan]))
+    sheet = write_contact_sheet(
+        report, args.sheet or Path(cfg.output.dir) / "preflight.jpg", cfg.data.preflight_samples
+    )
+    warnings = len(report.of_level("warning"))
+    print(f"preflight passed: {len(plan)} usable triples, {warnings} warning(s); contact sheet {sheet}")
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from kontext_lora.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    import torch
+    from accelerate import PartialState
+
+    from kontext_lora.data.plan import build_plan
+    from kontext_lora.data.preflight import preflight
+    from kontext_lora.data.triples import DataError
+    from kontext_lora.train.encode import cached_dataset, load_encoders, release_encoders
+
+    # Several processes under `accelerate launch`/torchrun: each fills its share (gloo on a CPU-only machine).
+    state = PartialState(cpu=not torch.cuda.is_available())
+    report = preflight(cfg.data, show_progress=state.is_main_process)
+    if state.is_main_process:
+        print(report.table())
+    report.raise_on_errors()
+    plan = build_plan(cfg.data, report)
+    if not plan:
+        raise DataError("no usable triples: every triple was skipped (see the preflight warnings above)")
+    pipe = load_encoders(cfg)  # only the VAE and the text encoders are needed here
+    pipe.to(state.device)
+    dataset = cached_dataset(cfg, plan, pipe, state, show_progress=state.is_main_process)
+    release_encoders(pipe)
+    if state.is_main_process:
+        print(f"cache ready: {len(dataset)} triples in {dataset.cache.folder}")
+    return 0
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
@@ -99,6 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wandb-sweep", action="store_true", help="write <dir>/wandb_sweep.yaml for wandb agents")
     p.add_argument("--summary", action="store_true", help="only rebuild the summary from the run folders")
     p.set_defaults(func=_sweep)
+
+    p = sub.add_parser("preflight", help="check every triple of a config's datasets and print a report")
+    p.add_argument("--config", required=True, help="YAML config file")
+    p.add_argument("--sheet", help="contact sheet path (default: <output.dir>/preflight.jpg)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.set_defaults(func=_preflight)
+
+    p = sub.add_parser("cache", help="fill the disk cache of latents and text embeddings (no training)")
+    p.add_argument("--config", required=True, help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.set_defaults(func=_cache)
 
     p = sub.add_parser("make-tiny-model", help="build the tiny random Kontext pipeline in diffusers layout")
     p.add_argument("dir")

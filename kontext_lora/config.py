@@ -51,15 +51,61 @@ class ModelConfig:
 
 @dataclass
 class DatasetConfig:
-    path: str = opt(MISSING, "Folder with control/ and target/ subfolders, or with a metadata.jsonl.")
+    path: str = opt(
+        MISSING,
+        "Folder with control/ and target/ subfolders, a metadata.jsonl or metadata.csv, or a Hugging Face dataset "
+        "(save_to_disk folder, parquet/arrow files, or an imagefolder with format=hf).",
+    )
     default_caption: str = opt("", "Caption for a triple that has no .txt file or caption field.")
+    format: str = opt(
+        "auto",
+        "How `path` is read; auto: metadata.jsonl, then metadata.csv, then a Hugging Face dataset, then folders.",
+        ("auto", "folder", "jsonl", "csv", "hf"),
+    )
+    control_keys: list[str] = opt(
+        ["control"],
+        "Control images per target, in id order (1, 2, ...): subfolder names, or jsonl/csv/hf column names. "
+        "[] makes a text-to-image dataset without controls.",
+    )
+    target_key: str = opt("target", "Target subfolder name, or jsonl/csv/hf column of the target image.")
+    caption_key: str = opt("caption", "jsonl/csv/hf column of the caption (folders use target/<stem>.txt).")
+    mask_key: str = opt(
+        "mask", "Subfolder or column of optional loss masks (same stem as the target; white = edited region)."
+    )
+    split: str = opt("train", "Split of a Hugging Face dataset.")
+    weight: float = opt(1.0, "Each triple of this dataset is drawn `weight` times as often per epoch (fractions ok).")
+    repeats: int = opt(1, "Each triple appears this many times per epoch (multiplies `weight`).")
+    resolution: int = opt(0, "Bucket area side for this dataset in pixels (0: data.resolution).")
+    caption_dropout: float = opt(0.0, "Probability of training a sample on the empty prompt instead of its caption.")
+    trigger_word: str = opt("", "Word put in front of every caption of this dataset (e.g. a rare token).")
+    flip: bool = opt(False, "Paired horizontal flip (control and target together); off for left/right edits.")
+    random_crop: bool = opt(False, "Paired random crop position instead of the center (control and target together).")
 
 
 @dataclass
 class DataConfig:
     datasets: list[DatasetConfig] = opt([], "One or more datasets of (control, target, caption) triples.")
-    resolution: int = opt(512, "Side of the square training crop in pixels (multiple of 16).")
-    num_workers: int = opt(0, "DataLoader worker processes for reading images.")
+    resolution: int = opt(512, "Buckets hold about resolution^2 pixels (side of the square bucket; multiple of 16).")
+    num_workers: int = opt(
+        0, "DataLoader worker processes (0 reads the cache fastest, see scripts/bench_data.py); also decode threads."
+    )
+    buckets: str = opt(
+        "area",
+        "Target sizes: area (aspect buckets of resolution^2 pixels, sides multiples of 16), kontext (FLUX.1 "
+        "Kontext's 17 preferred ~1 MP resolutions), square (resolution x resolution center crop).",
+        ("area", "kontext", "square"),
+    )
+    max_aspect_ratio: float = opt(2.5, "Most elongated area bucket (long side / short side).")
+    control_bucket: str = opt(
+        "target",
+        "Size of each control: the target's bucket, or its own bucket (own aspect ratio and id grid).",
+        ("target", "own"),
+    )
+    max_upscale: float = opt(2.0, "Images that would need more upscaling than this to fill their bucket are skipped.")
+    aspect_tolerance: float = opt(0.05, "Preflight warns when control and target aspect ratios differ by more.")
+    cache_dir: str = opt("", "Disk cache of latents and text embeddings (empty: <output.dir>/cache); share it.")
+    crop_variants: int = opt(4, "Cached random-crop positions per image when a dataset has random_crop.")
+    preflight_samples: int = opt(8, "Triples shown on the preflight contact sheet.")
 
 
 @dataclass
@@ -98,6 +144,9 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "Clip the LoRA gradient norm to this value (0 disables).")
     logit_mean: float = opt(0.0, "Mean of the logit-normal sigma sampler.")
     logit_std: float = opt(1.0, "Std of the logit-normal sigma sampler.")
+    resume: str = opt(
+        "", "Resume from `latest` (newest complete checkpoint in output.dir; fresh start if none) or a step-* folder."
+    )
 
 
 @dataclass
@@ -107,6 +156,7 @@ class OutputConfig:
     export_formats: list[str] = opt(
         [], "Also write these formats (kohya, comfyui) and a model card beside each saved adapter."
     )
+    keep_last: int = opt(0, "Keep only the newest K step-NNNNNN checkpoints (0 keeps all).")
 
 
 @dataclass
@@ -116,6 +166,43 @@ class LoggingConfig:
     wandb_project: str = opt("kontext-lora", "wandb project name.")
     wandb_mode: str = opt("offline", "wandb mode: offline needs no network.", ("online", "offline", "disabled"))
     wandb_group: str = opt("", "wandb run group (a sweep sets it to the sweep's name); empty: no group.")
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = opt(False, "Keep an exponential moving average of the adapter weights (saved beside the adapter).")
+    decay: float = opt(0.999, "EMA decay: ema = decay * ema + (1 - decay) * weights at each update.")
+    every: int = opt(1, "Update the EMA every N optimizer steps.")
+    ramp: bool = opt(
+        True, "Ramp the decay as min(decay, n/(9+n)) at the n-th update (diffusers EMAModel); false: constant decay."
+    )
+
+
+@dataclass
+class ValidationExample:
+    control: str = opt(MISSING, "Control image to edit.")
+    prompt: str = opt(MISSING, "Edit instruction.")
+    target: str = opt("", "Expected result (optional): adds it to the grid, the held-out loss and the edit metrics.")
+    mask: str = opt("", "Edit-region mask (optional, white = edited) for the outside-change metric.")
+
+
+@dataclass
+class ValidationConfig:
+    every: int = opt(0, "Validate every N optimizer steps and at the end (0 disables validation).")
+    examples: list[ValidationExample] = opt([], "Configured (control, prompt[, target, mask]) examples.")
+    heldout_path: str = opt("", "A dataset folder of held-out triples (same layouts as data.datasets).")
+    heldout_count: int = opt(0, "Hold this many triples (seeded pick by train.seed) out of training for validation.")
+    max_images: int = opt(8, "Sample and save grids for at most this many validation items (all count for the loss).")
+    steps: int = opt(28, "Inference steps of each validation sample.")
+    guidance: float = opt(2.5, "Guidance scale of each validation sample.")
+    seed: int = opt(0, "Seed of the sampling noise and of the held-out loss noise.")
+    sigmas: list[float] = opt([0.25, 0.5, 0.75], "Fixed sigmas at which the held-out flow-matching loss is taken.")
+    use_ema: bool = opt(False, "Validate (and pick the best) with the EMA weights instead of the raw adapter.")
+    best_metric: str = opt(
+        "heldout_loss",
+        "Metric picking the best step (adapter in best/, record in best.json); edit_psnr maximised, others minimised.",
+        ("heldout_loss", "edit_l1", "edit_psnr", "edit_outside_change", "none"),
+    )
 
 
 @dataclass
@@ -148,6 +235,8 @@ class Config:
     train: TrainConfig = opt(TrainConfig(), "Optimisation.")
     output: OutputConfig = opt(OutputConfig(), "Where results go.")
     logging: LoggingConfig = opt(LoggingConfig(), "Metrics logging.")
+    ema: EmaConfig = opt(EmaConfig(), "Exponential moving average of the adapter.")
+    validation: ValidationConfig = opt(ValidationConfig(), "Sampling and metrics during training.")
     speed: SpeedConfig = opt(SpeedConfig(), "Training fast path (docs/performance.md).")
 
 
@@ -230,16 +319,62 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(f"config key `{key}`: must be > 0, got {value}")
     if cfg.data.resolution % 16:
         raise ConfigError(f"config key `data.resolution`: must be a multiple of 16, got {cfg.data.resolution}")
+    _check_data_values(cfg)
     if not cfg.data.datasets:
         raise ConfigError("config key `data.datasets`: list at least one dataset (each with a `path`)")
     for fmt in cfg.output.export_formats:
         if fmt not in ("diffusers", "kohya", "comfyui"):
             raise ConfigError(f"config key `output.export_formats`: {fmt!r} is not one of diffusers, kohya, comfyui")
+    for key, value in {"output.keep_last": cfg.output.keep_last, "validation.every": cfg.validation.every,
+                       "validation.heldout_count": cfg.validation.heldout_count}.items():  # fmt: skip
+        if value < 0:
+            raise ConfigError(f"config key `{key}`: must be >= 0, got {value}")
+    if cfg.ema.every <= 0 or cfg.validation.steps <= 0:
+        key, value = ("ema.every", cfg.ema.every) if cfg.ema.every <= 0 else ("validation.steps", cfg.validation.steps)
+        raise ConfigError(f"config key `{key}`: must be > 0, got {value}")
+    if not 0.0 <= cfg.ema.decay <= 1.0:
+        raise ConfigError(f"config key `ema.decay`: must be in [0, 1], got {cfg.ema.decay}")
+    if any(not 0.0 < s <= 1.0 for s in cfg.validation.sigmas):
+        raise ConfigError(f"config key `validation.sigmas`: each must be in (0, 1], got {cfg.validation.sigmas}")
+    val = cfg.validation
+    has_targets = bool(val.heldout_path or val.heldout_count or any(e.target for e in val.examples))
+    if val.every and not (has_targets or val.examples):
+        raise ConfigError("config key `validation.every`: list validation.examples, a heldout_path or a heldout_count")
+    if val.every and val.best_metric != "none" and not has_targets:
+        raise ConfigError(
+            f"config key `validation.best_metric`: {val.best_metric} needs items with a target (heldout_path, "
+            "heldout_count or examples with `target`); or set it to none"
+        )
+    if cfg.validation.use_ema and not cfg.ema.enabled:
+        raise ConfigError("config key `validation.use_ema`: needs ema.enabled=true")
     if not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError(f"config key `lora.dropout`: must be in [0, 1), got {cfg.lora.dropout}")
     for key in ("checkpoint_fraction", "activation_budget"):
         if not 0.0 <= getattr(cfg.speed, key) <= 1.0:
             raise ConfigError(f"config key `speed.{key}`: must be in [0, 1], got {getattr(cfg.speed, key)}")
+
+
+def _check_data_values(cfg: Config) -> None:
+    """Ranges of the data keys (buckets, per-dataset sampling and augmentation)."""
+    data = cfg.data
+    if data.max_aspect_ratio < 1.0:
+        raise ConfigError(f"config key `data.max_aspect_ratio`: must be >= 1, got {data.max_aspect_ratio}")
+    if data.max_upscale < 1.0:
+        raise ConfigError(f"config key `data.max_upscale`: must be >= 1, got {data.max_upscale}")
+    if data.crop_variants <= 0:
+        raise ConfigError(f"config key `data.crop_variants`: must be > 0, got {data.crop_variants}")
+    if data.num_workers < 0:
+        raise ConfigError(f"config key `data.num_workers`: must be >= 0, got {data.num_workers}")
+    for i, ds in enumerate(data.datasets):
+        key = f"data.datasets[{i}]"
+        if ds.weight <= 0 or ds.repeats <= 0:
+            raise ConfigError(f"config key `{key}.weight`/`repeats`: must be > 0, got {ds.weight}/{ds.repeats}")
+        if ds.resolution < 0 or ds.resolution % 16:
+            raise ConfigError(f"config key `{key}.resolution`: must be 0 or a multiple of 16, got {ds.resolution}")
+        if not 0.0 <= ds.caption_dropout <= 1.0:
+            raise ConfigError(f"config key `{key}.caption_dropout`: must be in [0, 1], got {ds.caption_dropout}")
+        if len(set(ds.control_keys)) != len(ds.control_keys) or ds.target_key in ds.control_keys:
+            raise ConfigError(f"config key `{key}.control_keys`: names must be distinct and differ from target_key")
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -178,7 +178,7 @@ def reference_step_fn(transformer: torch.nn.Module, batch, device: torch.device)
     torch.backends.cuda.enable_cudnn_sdp(False)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     generator = torch.Generator(device).manual_seed(0)
-    latents, control = batch.target_latents, batch.control_latents
+    latents, control = batch.target_latents, batch.control_latents[0]  # one control: LatentBatch holds a list
     _, channels, h, w = latents.shape
     pack = FluxKontextPipeline._pack_latents
     image_ids = FluxKontextPipeline._prepare_latent_image_ids(1, h // 2, w // 2, device, latents.dtype)

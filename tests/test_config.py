@@ -44,6 +44,14 @@ def _value(cfg: Config, dotted: str) -> typing.Any:
     return node
 
 
+def _dataset_defaults() -> dict[str, typing.Any]:
+    """Every data.datasets[] key with its schema default (all but the required `path`)."""
+    from kontext_lora.config import DatasetConfig
+
+    return {f.name: _value(load_config(None, REQUIRED), "data.datasets")[0][f.name]
+            for f in dataclasses.fields(DatasetConfig) if f.name != "path"}  # fmt: skip
+
+
 def _chain(path: Path) -> list[dict]:
     """The raw YAML mappings of `path` and of the files it extends, base first."""
     raw = yaml.safe_load(path.read_text())
@@ -81,7 +89,9 @@ def test_every_example_loads_with_the_values_it_sets(path: Path):
     assert expected
     for key, value in expected.items():
         if key == "data.datasets":
-            value = [{"default_caption": "", **item} for item in value]
+            value = [{**_dataset_defaults(), **item} for item in value]
+        if key == "validation.examples":
+            value = [{"target": "", "mask": "", **item} for item in value]
         assert _value(cfg, key) == value, key
 
 
@@ -301,3 +311,21 @@ def test_to_yaml_round_trips_through_a_file(tmp_path: Path, overrides: list[str]
     again = load_config(saved)
     assert again == cfg
     assert to_yaml(again) == saved.read_text()
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("data.max_upscale=0.5", "data.max_upscale"),
+        ("data.max_aspect_ratio=0.9", "data.max_aspect_ratio"),
+        ("data.crop_variants=0", "data.crop_variants"),
+        ("data.datasets=[{path: /d, caption_dropout: 1.5}]", "data.datasets[0].caption_dropout"),
+        ("data.datasets=[{path: /d, resolution: 100}]", "data.datasets[0].resolution"),
+        ("data.datasets=[{path: /d, weight: 0}]", "data.datasets[0].weight"),
+        ("data.datasets=[{path: /d, control_keys: [target]}]", "data.datasets[0].control_keys"),
+        ("data.buckets=aera", "data.buckets"),
+        ("data.datasets=[{path: /d, format: parquet}]", "data.datasets[0].format"),
+    ],
+)
+def test_data_key_ranges(override: str, key: str):
+    assert f"`{key}" in _error([override])

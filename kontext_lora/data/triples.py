@@ -1,9 +1,13 @@
 """(control image, target image, caption) triples: discovery on disk, image decoding, and a torch Dataset.
 
-Two layouts are understood (see `discover_triples`):
+Three layouts are understood here (see `discover_triples`; Hugging Face datasets are in `sources.py`):
 
     root/control/<stem>.<ext>   root/target/<stem>.<ext>   root/target/<stem>.txt (optional caption)
     root/metadata.jsonl         {"control": "...", "target": "...", "caption": "..."} per line
+    root/metadata.csv           a header row naming the control, target and caption columns
+
+The folder and column names are configurable (`control_keys` lists several controls per target, or none for
+text-to-image pairs); an optional `mask` folder/column holds per-target loss masks.
 
 Everything a user can get wrong about their files raises `DataError` with a one-line message naming the file,
 so that a bad dataset fails before any model is loaded rather than hours into training.
@@ -11,8 +15,11 @@ so that a bad dataset fails before any model is loaded rather than hours into tr
 
 from __future__ import annotations
 
+import csv
+import errno
+import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +31,7 @@ from PIL import Image, ImageFile, ImageOps
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 CAPTION_EXTENSION = ".txt"
 METADATA_FILENAME = "metadata.jsonl"
+CSV_FILENAME = "metadata.csv"
 CONTROL_DIRNAME = "control"
 TARGET_DIRNAME = "target"
 
@@ -39,13 +47,48 @@ class DataError(ValueError):
 
 
 @dataclass(frozen=True)
+class RowImage:
+    """An image stored inside a Hugging Face dataset (encoded bytes in a column of one row)."""
+
+    location: str  # the dataset as `sources.open_hf_dataset` re-opens it: "<path>::<split>"
+    row: int
+    column: str
+
+    def __str__(self) -> str:
+        return f"{self.location.split('::')[0]} row {self.row} column '{self.column}'"
+
+    def read_bytes(self) -> bytes:
+        from kontext_lora.data.sources import row_image_bytes  # sources imports this module
+
+        return row_image_bytes(self)
+
+
+ImageRef = Path | RowImage
+
+
+@dataclass(frozen=True)
 class Triple:
-    """One training example: edit `control` into `target` as described by `caption`."""
+    """One training example: edit `control` (plus `more_controls`) into `target` as described by `caption`.
+
+    `control` is None for a text-to-image pair; `caption` may hold several lines, one of which is drawn per step.
+    """
 
     stem: str
-    control: Path
-    target: Path
+    control: ImageRef | None
+    target: ImageRef
     caption: str
+    more_controls: tuple[ImageRef, ...] = ()
+    mask: ImageRef | None = None
+
+    @property
+    def controls(self) -> tuple[ImageRef, ...]:
+        """Every control image in id order (index 1, 2, ...); empty for a text-to-image pair."""
+        return ((self.control,) if self.control is not None else ()) + self.more_controls
+
+    @property
+    def captions(self) -> list[str]:
+        """The caption's non-empty lines (one is drawn per step); [""] when there is none."""
+        return [line.strip() for line in self.caption.splitlines() if line.strip()] or [""]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -53,33 +96,78 @@ class Triple:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def discover_triples(root: str | Path, default_caption: str = "") -> list[Triple]:
-    """Find the triples under `root` (metadata.jsonl if present, else control/ + target/), sorted by stem."""
+def discover_triples(
+    root: str | Path,
+    default_caption: str = "",
+    *,
+    layout: str = "auto",
+    control_keys: Sequence[str] = (CONTROL_DIRNAME,),
+    target_key: str = TARGET_DIRNAME,
+    caption_key: str = "caption",
+    mask_key: str = "mask",
+) -> list[Triple]:
+    """Find the triples under `root` (metadata.jsonl, else metadata.csv, else control/ + target/), sorted by stem.
+
+    `layout` forces one of "folder", "jsonl", "csv"; the keys name the subfolders (folder layout) or the fields.
+    """
     root = Path(root).expanduser().absolute()
+    _check_not_a_loop(root, "dataset path")
     if not root.exists():
         raise DataError(f"dataset folder {root} does not exist; check the dataset path")
     if not root.is_dir():
         raise DataError(f"dataset path {root} is not a folder; point it at the folder that holds control/ and target/")
 
-    metadata = root / METADATA_FILENAME
-    if metadata.is_file():
-        triples = _triples_from_jsonl(root, metadata, default_caption)
+    keys = _Keys(tuple(control_keys), target_key, caption_key, mask_key)
+    metadata, table = root / METADATA_FILENAME, root / CSV_FILENAME
+    if layout == "jsonl" or (layout == "auto" and metadata.is_file()):
+        if not metadata.is_file():
+            raise DataError(f"{metadata} does not exist; write one JSON object per triple, or change `format`")
+        triples, where = _triples_from_jsonl(root, metadata, default_caption, keys), str(metadata)
+    elif layout == "csv" or (layout == "auto" and table.is_file()):
+        if not table.is_file():
+            raise DataError(f"{table} does not exist; write a header row and one row per triple, or change `format`")
+        triples, where = _triples_from_csv(root, table, default_caption, keys), str(table)
     else:
-        control_dir, target_dir = root / CONTROL_DIRNAME, root / TARGET_DIRNAME
-        if not control_dir.is_dir() and not target_dir.is_dir():
+        control_dirs = [root / name for name in keys.controls]
+        target_dir = root / keys.target
+        folders = [*control_dirs, target_dir]
+        if not any(folder.is_dir() for folder in folders):
+            names = " and ".join(f"{folder.name}/" for folder in folders)
             raise DataError(
-                f"dataset folder {root} has neither {METADATA_FILENAME} nor {CONTROL_DIRNAME}/ and {TARGET_DIRNAME}/ "
-                f"subfolders; put images in {control_dir} and {target_dir}, or write {metadata}"
+                f"dataset folder {root} has neither {METADATA_FILENAME} nor {names} "
+                f"subfolders; put images in {' and '.join(str(f) for f in folders)}, or write {metadata}"
             )
-        for folder in (control_dir, target_dir):
+        for folder in folders:
             if not folder.is_dir():
-                raise DataError(f"missing folder {folder}; the folder layout needs both {control_dir} and {target_dir}")
-        triples = _triples_from_folders(control_dir, target_dir, default_caption)
+                wanted = " and ".join(str(f) for f in folders)
+                raise DataError(f"missing folder {folder}; the folder layout needs both {wanted}")
+        mask_dir = root / keys.mask
+        triples = _triples_from_folders(
+            control_dirs, target_dir, default_caption, mask_dir if mask_dir.is_dir() else None
+        )
+        where = " and ".join(str(f) for f in folders)
 
     if not triples:
-        where = metadata if metadata.is_file() else f"{root / CONTROL_DIRNAME} and {root / TARGET_DIRNAME}"
         raise DataError(f"no triples found in {where}; add (control, target) image pairs")
     return sorted(triples, key=lambda triple: triple.stem)
+
+
+@dataclass(frozen=True)
+class _Keys:
+    controls: tuple[str, ...]
+    target: str
+    caption: str
+    mask: str
+
+
+def _check_not_a_loop(path: Path, what: str) -> None:
+    """A symlink that points back at itself makes every later check say 'does not exist'; name it instead."""
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except (RuntimeError, OSError) as exc:
+            if isinstance(exc, RuntimeError) or getattr(exc, "errno", None) == errno.ELOOP:
+                raise DataError(f"{what} {path} is a symlink loop; point the link at a real file or folder") from None
 
 
 def _scan_image_folder(folder: Path, allow_captions: bool) -> tuple[dict[str, Path], dict[str, Path]]:
@@ -90,6 +178,7 @@ def _scan_image_folder(folder: Path, allow_captions: bool) -> tuple[dict[str, Pa
         # Hidden entries are OS/editor litter (.DS_Store, ._foo.jpg, .ipynb_checkpoints), never data.
         if path.name.startswith("."):
             continue
+        _check_not_a_loop(path, "file")
         if path.is_dir():
             raise DataError(f"unexpected subfolder {path}; images must sit directly in {folder}")
         suffix = path.suffix.lower()
@@ -116,21 +205,29 @@ def _scan_image_folder(folder: Path, allow_captions: bool) -> tuple[dict[str, Pa
     return images, captions
 
 
-def _triples_from_folders(control_dir: Path, target_dir: Path, default_caption: str) -> list[Triple]:
-    """Pair root/control/<stem>.* with root/target/<stem>.* and read root/target/<stem>.txt captions."""
-    controls, _ = _scan_image_folder(control_dir, allow_captions=False)
+def _triples_from_folders(
+    control_dirs: list[Path], target_dir: Path, default_caption: str, mask_dir: Path | None = None
+) -> list[Triple]:
+    """Pair root/<control dir>/<stem>.* with root/target/<stem>.* and read root/target/<stem>.txt captions."""
     targets, captions = _scan_image_folder(target_dir, allow_captions=True)
-
-    for stem, target in targets.items():
-        if stem not in controls:
-            raise DataError(
-                f"target image {target} has no control image; expected {control_dir / stem}.<{_EXTENSIONS_HINT}>"
-            )
-    for stem, control in controls.items():
+    all_controls = []
+    for control_dir in control_dirs:
+        controls, _ = _scan_image_folder(control_dir, allow_captions=False)
+        for stem, target in targets.items():
+            if stem not in controls:
+                raise DataError(
+                    f"target image {target} has no control image; expected {control_dir / stem}.<{_EXTENSIONS_HINT}>"
+                )
+        for stem, control in controls.items():
+            if stem not in targets:
+                raise DataError(
+                    f"control image {control} has no target image; expected {target_dir / stem}.<{_EXTENSIONS_HINT}>"
+                )
+        all_controls.append(controls)
+    masks = _scan_image_folder(mask_dir, allow_captions=False)[0] if mask_dir is not None else {}
+    for stem, mask in masks.items():
         if stem not in targets:
-            raise DataError(
-                f"control image {control} has no target image; expected {target_dir / stem}.<{_EXTENSIONS_HINT}>"
-            )
+            raise DataError(f"mask {mask} has no target image; expected {target_dir / stem}.<{_EXTENSIONS_HINT}>")
     for stem, caption_path in captions.items():
         if stem not in targets:
             # Usually a typo in the stem; without this check the caption would silently never be used.
@@ -141,7 +238,17 @@ def _triples_from_folders(control_dir: Path, target_dir: Path, default_caption: 
     triples = []
     for stem, target in targets.items():
         caption = _read_caption(captions[stem]) if stem in captions else default_caption
-        triples.append(Triple(stem=stem, control=controls[stem], target=target, caption=caption))
+        controls_of_stem = [controls[stem] for controls in all_controls]
+        triples.append(
+            Triple(
+                stem=stem,
+                control=controls_of_stem[0] if controls_of_stem else None,
+                target=target,
+                caption=caption,
+                more_controls=tuple(controls_of_stem[1:]),
+                mask=masks.get(stem),
+            )
+        )
     return triples
 
 
@@ -158,8 +265,9 @@ def _read_caption(path: Path) -> str:
         raise DataError(f"cannot read caption file {path}: {exc.strerror or exc}") from exc
 
 
-def _triples_from_jsonl(root: Path, metadata: Path, default_caption: str) -> list[Triple]:
+def _triples_from_jsonl(root: Path, metadata: Path, default_caption: str, keys: _Keys | None = None) -> list[Triple]:
     """Read one {"control", "target", "caption"?} object per line of `metadata`; paths are relative to `root`."""
+    keys = keys or _Keys((CONTROL_DIRNAME,), TARGET_DIRNAME, "caption", "mask")
     try:
         text = metadata.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -167,8 +275,7 @@ def _triples_from_jsonl(root: Path, metadata: Path, default_caption: str) -> lis
             f"{metadata} is not valid UTF-8 ({exc.reason} at byte {exc.start}); re-save it as UTF-8"
         ) from exc
 
-    triples: list[Triple] = []
-    line_of_stem: dict[str, int] = {}
+    records = []
     for line_number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -182,35 +289,93 @@ def _triples_from_jsonl(root: Path, metadata: Path, default_caption: str) -> lis
             ) from exc
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object with 'control' and 'target', got {type(record).__name__}")
-        for field in ("control", "target"):
+        records.append((where, line_number, record))
+    return _triples_from_records(root, records, default_caption, keys, "line")
+
+
+def _triples_from_csv(root: Path, table: Path, default_caption: str, keys: _Keys) -> list[Triple]:
+    """Read metadata.csv: a header row, then one row per triple; paths are relative to `root`."""
+    try:
+        text = table.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{table} is not valid UTF-8 ({exc.reason} at byte {exc.start}); re-save it as UTF-8") from exc
+    try:
+        rows = list(csv.reader(io.StringIO(text)))
+    except csv.Error as exc:
+        raise DataError(f"{table}: not valid CSV ({exc}); quote fields that contain commas or newlines") from exc
+    if not rows:
+        raise DataError(f"no triples found in {table}; it is empty (write a header row such as control,target,caption)")
+    header = [name.strip() for name in rows[0]]
+    for column in (*keys.controls, keys.target):
+        if column not in header:
+            raise DataError(
+                f"{table}: missing column '{column}' in the header row ({', '.join(header) or 'empty'}); "
+                "add it or set the dataset's control_keys/target_key"
+            )
+    records = []
+    for line_number, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        where = f"{table} row {line_number}"
+        if len(row) != len(header):
+            raise DataError(f"{where}: has {len(row)} fields but the header has {len(header)}; fix the row")
+        record = {name: cell for name, cell in zip(header, row, strict=True) if name}
+        if keys.mask in record and not record[keys.mask].strip():
+            del record[keys.mask]  # an empty mask cell: this target has no mask
+        records.append((where, line_number, record))
+    return _triples_from_records(root, records, default_caption, keys, "row")
+
+
+def _triples_from_records(
+    root: Path, records: list[tuple[str, int, dict]], default_caption: str, keys: _Keys, unit: str
+) -> list[Triple]:
+    """Triples from jsonl/csv records {control key: path, ..., target key: path, caption key: text}."""
+    triples: list[Triple] = []
+    line_of_stem: dict[str, int] = {}
+    for where, line_number, record in records:
+        for field in (*keys.controls, keys.target):
             if field not in record:
                 raise DataError(f"{where}: missing field '{field}' (the path of the {field} image, relative to {root})")
             if not isinstance(record[field], str) or not record[field]:
                 raise DataError(f"{where}: field '{field}' must be a non-empty path string, got {record[field]!r}")
-        caption = record.get("caption")
+        caption = record.get(keys.caption)
         if caption is None:
             caption = default_caption
         elif not isinstance(caption, str):
-            raise DataError(f"{where}: field 'caption' must be a string, got {type(caption).__name__}")
+            raise DataError(f"{where}: field '{keys.caption}' must be a string, got {type(caption).__name__}")
 
-        control = _resolve_listed_path(root, record["control"], where, "control")
-        target = _resolve_listed_path(root, record["target"], where, "target")
+        controls = [_resolve_listed_path(root, record[field], where, field) for field in keys.controls]
+        target = _resolve_listed_path(root, record[keys.target], where, keys.target)
+        mask = record.get(keys.mask)
+        if mask is not None and not isinstance(mask, str):
+            raise DataError(f"{where}: field '{keys.mask}' must be a path string, got {type(mask).__name__}")
+        mask_path = _resolve_listed_path(root, mask, where, keys.mask) if mask else None
         stem = _stem_for(root, target)
         if stem in line_of_stem:
             # Stems identify examples (sorting, caches, sample names), so two lines may not share a target name.
             raise DataError(
-                f"{where}: target {target} has the same name '{stem}' as the target on line {line_of_stem[stem]}; "
+                f"{where}: target {target} has the same name '{stem}' as the target on {unit} {line_of_stem[stem]}; "
                 "give each target a distinct file name"
             )
         line_of_stem[stem] = line_number
-        triples.append(Triple(stem=stem, control=control, target=target, caption=caption.strip()))
+        triples.append(
+            Triple(
+                stem=stem,
+                control=controls[0] if controls else None,
+                target=target,
+                caption=caption.strip(),
+                more_controls=tuple(controls[1:]),
+                mask=mask_path,
+            )
+        )
     return triples
 
 
 def _resolve_listed_path(root: Path, listed: str, where: str, field: str) -> Path:
     """Resolve a metadata path (relative to `root`, or absolute) and check the file exists."""
-    path = Path(listed).expanduser()
+    path = Path(listed.strip()).expanduser()
     path = path if path.is_absolute() else root / path
+    _check_not_a_loop(path, f"{where}: {field} image")
     if not path.is_file():
         state = "is not a file" if path.exists() else "does not exist"
         raise DataError(f"{where}: {field} image {path} {state}; fix the path (relative paths are from {root})")
@@ -241,11 +406,19 @@ def _strict_decoding() -> Iterator[None]:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
-def load_image(path: str | Path) -> Image.Image:
+def open_source(ref: str | ImageRef):
+    """What `Image.open` takes for an image reference: a path, or the bytes of a dataset row."""
+    if isinstance(ref, RowImage):
+        return io.BytesIO(ref.read_bytes())
+    return ref
+
+
+def load_image(path: str | ImageRef) -> Image.Image:
     """Open, fully decode, apply the EXIF orientation and convert `path` to an RGB image (alpha over white)."""
-    path = Path(path).expanduser().absolute()
+    if not isinstance(path, RowImage):
+        path = Path(path).expanduser().absolute()
     try:
-        with _strict_decoding(), Image.open(path) as img:
+        with _strict_decoding(), Image.open(open_source(path)) as img:
             # load() decodes every byte now, so a truncated file fails here and not inside a DataLoader worker.
             img.load()
             # Phones store portrait shots as landscape pixels plus an orientation tag; training must see them upright.

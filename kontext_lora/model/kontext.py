@@ -6,6 +6,8 @@ the tests can call them on any batch; `test_kontext_layout` checks they agree wi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -37,19 +39,21 @@ def image_ids(latent_height: int, latent_width: int, index: int, device=None, dt
 
 
 def kontext_inputs(
-    noisy_target_latents: torch.Tensor, control_latents: torch.Tensor
+    noisy_target_latents: torch.Tensor, control_latents: torch.Tensor | Sequence[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Build the transformer's image sequence.
+    """Build the transformer's image sequence: [noisy target | control 1 | control 2 | ...].
 
-    noisy_target_latents (B, 16, h, w) and control_latents (B, 16, h', w') ->
-    hidden_states (B, N_t + N_c, 64) with the control tokens AFTER the target tokens, img_ids (N_t + N_c, 3)
-    with control ids[..., 0] = 1, and N_t, the number of target tokens the output is sliced back to.
+    noisy_target_latents (B, 16, h, w) and control_latents, one (B, 16, h_i, w_i) tensor or a list of them
+    (multi-reference; empty for text-to-image) -> hidden_states (B, N_t + sum N_i, 64), img_ids (N_t + sum N_i, 3)
+    where control i's ids carry ids[..., 0] = i (1, 2, ...) on its own grid, and N_t, the number of target tokens
+    the output is sliced back to.
     """
+    controls = [control_latents] if isinstance(control_latents, torch.Tensor) else list(control_latents)
     target_tokens = pack_latents(noisy_target_latents)  # (B, N_t, 64)
-    control_tokens = pack_latents(control_latents)  # (B, N_c, 64)
     device = target_tokens.device
-    target_ids = image_ids(*noisy_target_latents.shape[-2:], index=0, device=device)
-    control_ids = image_ids(*control_latents.shape[-2:], index=1, device=device)
-    hidden_states = torch.cat([target_tokens, control_tokens], dim=1)
-    ids = torch.cat([target_ids, control_ids], dim=0)
-    return hidden_states, ids, target_tokens.shape[1]
+    tokens = [target_tokens]
+    ids = [image_ids(*noisy_target_latents.shape[-2:], index=0, device=device)]
+    for index, control in enumerate(controls, start=1):
+        tokens.append(pack_latents(control))  # (B, N_i, 64)
+        ids.append(image_ids(*control.shape[-2:], index=index, device=device))
+    return torch.cat(tokens, dim=1), torch.cat(ids, dim=0), target_tokens.shape[1]

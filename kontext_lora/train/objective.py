@@ -17,15 +17,30 @@ from kontext_lora.model.kontext import kontext_inputs, pack_latents
 
 @dataclass
 class LatentBatch:
-    """One training batch of cached encodings."""
+    """One training batch of cached encodings (one bucket: every sample has the same shapes)."""
 
     target_latents: torch.Tensor  # (B, 16, h, w) normalised VAE latents of the edited image
-    control_latents: torch.Tensor  # (B, 16, h', w') normalised VAE latents of the input image
+    # Each (B, 16, h_i, w_i): the input image(s); control i gets position-id index i + 1. [] for text-to-image.
+    # A single tensor is accepted and wrapped into a one-element list.
+    control_latents: list[torch.Tensor]
     prompt_embeds: torch.Tensor  # (B, L, 4096) T5 sequence
     pooled_embeds: torch.Tensor  # (B, 768) CLIP pooled
+    loss_mask: torch.Tensor | None = None  # (B, 1, h, w) in [0, 1] at latent resolution
+
+    def __post_init__(self) -> None:
+        if isinstance(self.control_latents, torch.Tensor):
+            self.control_latents = [self.control_latents]
+        else:
+            self.control_latents = list(self.control_latents)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> LatentBatch:
-        return LatentBatch(*(t.to(device=device, dtype=dtype) for t in vars(self).values()))
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype)
+
+        return LatentBatch(
+            move(self.target_latents), [move(c) for c in self.control_latents], move(self.prompt_embeds),
+            move(self.pooled_embeds), None if self.loss_mask is None else move(self.loss_mask),
+        )  # fmt: skip
 
 
 def sample_sigmas(

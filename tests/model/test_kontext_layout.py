@@ -98,3 +98,23 @@ def test_kontext_inputs_match_pipeline_prepare_latents(tiny_pipe, batch, target_
     assert num_target == latents.shape[1]
     assert torch.equal(hidden_states, torch.cat([latents, image_latents], dim=1))
     assert torch.equal(ids, torch.cat([latent_ids, control_ids], dim=0))
+
+
+def test_multi_reference_layout_gives_each_control_its_own_index_and_grid():
+    target = _latents(2, 8, 8, seed=1)  # 16 tokens
+    first, second = _latents(2, 8, 12, seed=2), _latents(2, 4, 4, seed=3)  # 24 and 4 tokens
+    hidden_states, ids, num_target = kontext_inputs(target, [first, second])
+
+    assert num_target == 16 and hidden_states.shape == (2, 16 + 24 + 4, 64) and ids.shape == (44, 3)
+    assert torch.equal(hidden_states[:, 16:40], pack_latents(first))
+    assert torch.equal(hidden_states[:, 40:], pack_latents(second))
+    assert torch.equal(ids[:16], image_ids(8, 8, index=0))
+    assert torch.equal(ids[16:40], image_ids(8, 12, index=1))
+    assert torch.equal(ids[40:], image_ids(4, 4, index=2))
+    assert ids[40:, 0].eq(2).all() and ids[40:, 1].max() == 1 and ids[40:, 2].max() == 1  # its own 2 x 2 grid
+
+    # One tensor is the one-control case; no controls is plain text-to-image (target tokens only).
+    single, single_ids, _ = kontext_inputs(target, first)
+    assert torch.equal(single, hidden_states[:, :40]) and torch.equal(single_ids, ids[:40])
+    alone, alone_ids, n = kontext_inputs(target, [])
+    assert n == 16 and torch.equal(alone, pack_latents(target)) and torch.equal(alone_ids, image_ids(8, 8, index=0))

@@ -72,7 +72,7 @@ def test_adapter_learns_an_edit_that_needs_the_control(tiny_model_dir: Path, tmp
     # Fixed sigmas and noise for every evaluation; the shuffled batch pairs each target with another's control.
     sigmas = torch.tensor([0.3, 0.5, 0.7, 0.9]).repeat(8)
     noise = torch.randn(heldout.target_latents.shape, generator=torch.Generator().manual_seed(123))
-    shuffled = LatentBatch(heldout.target_latents, heldout.control_latents.roll(1, dims=0),
+    shuffled = LatentBatch(heldout.target_latents, [c.roll(1, dims=0) for c in heldout.control_latents],
                            heldout.prompt_embeds, heldout.pooled_embeds)  # fmt: skip
 
     base = _heldout_loss(pipe.transformer, heldout, sigmas, noise)

@@ -13,11 +13,11 @@ from kontext_lora.train.objective import LatentBatch, flow_matching_loss, sample
 def _reference_loss(transformer, batch: LatentBatch, sigmas, noise, guidance: float) -> torch.Tensor:
     """Written from the model facts, with the pipeline's own packing and id helpers."""
     b, c, h, w = batch.target_latents.shape
-    _, _, hc, wc = batch.control_latents.shape
+    _, _, hc, wc = batch.control_latents[0].shape
     sigma = sigmas.view(-1, 1, 1, 1)
     noisy = (1 - sigma) * batch.target_latents + sigma * noise
     noisy_tokens = FluxKontextPipeline._pack_latents(noisy, b, c, h, w)
-    control_tokens = FluxKontextPipeline._pack_latents(batch.control_latents, b, c, hc, wc)
+    control_tokens = FluxKontextPipeline._pack_latents(batch.control_latents[0], b, c, hc, wc)
     target_ids = FluxKontextPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)
     control_ids = FluxKontextPipeline._prepare_latent_image_ids(b, hc // 2, wc // 2, "cpu", torch.float32)
     control_ids[..., 0] = 1
@@ -66,7 +66,7 @@ def test_loss_ignores_control_predictions() -> None:
         out = transformer(
             hidden_states=torch.cat([FluxKontextPipeline._pack_latents(0.5 * batch.target_latents + 0.5 * noise,
                                                                        1, 16, 4, 4),
-                                     FluxKontextPipeline._pack_latents(batch.control_latents, 1, 16, 4, 4)], 1),
+                                     FluxKontextPipeline._pack_latents(batch.control_latents[0], 1, 16, 4, 4)], 1),
             timestep=sigmas, guidance=torch.ones(1), pooled_projections=batch.pooled_embeds,
             encoder_hidden_states=batch.prompt_embeds, txt_ids=torch.zeros(5, 3),
             img_ids=torch.cat([FluxKontextPipeline._prepare_latent_image_ids(1, 2, 2, "cpu", torch.float32),
