@@ -193,9 +193,6 @@ def test_a_bad_base_config_stops_the_sweep_at_once_but_runs_may_supply_what_the_
 
     argv = ["sweep", "--config", str(base), "--sweep", str(sweep_file), "--dir", str(tmp_path / "sweep")]
     assert main([*argv, "train.stepz=3"]) == 2
-    assert capsys.readouterr().err.splitlines() == [
-        "kontext-lora: error: unknown config key `train.stepz`; did you mean `train.steps`? (valid here: steps, "
-        "batch_size, gradient_accumulation, lr, weight_decay, scheduler, warmup_steps, seed, mixed_precision, "
-        "gradient_checkpointing, max_grad_norm, logit_mean, logit_std)"
-    ]
+    (error,) = capsys.readouterr().err.splitlines()  # one line, naming the key and the near miss
+    assert error.startswith("kontext-lora: error: unknown config key `train.stepz`; did you mean `train.steps`?")
     assert not (tmp_path / "sweep").exists()  # nothing started
