@@ -1,4 +1,5 @@
-"""`kontext-lora` command line: train | preflight | cache | infer | export | merge | resize | make-tiny-model | keys."""
+"""`kontext-lora` command line: train | sweep | preflight | cache | infer | export | merge | resize | make-tiny-model |
+keys."""
 
 from __future__ import annotations
 
@@ -33,6 +34,15 @@ def _train(args: argparse.Namespace) -> int:
 
     train(cfg)
     return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from kontext_lora.sweep.command import sweep_command
+
+    return sweep_command(
+        args.config, args.sweep, args.overrides, out_dir=args.dir, launcher=args.launcher, print_commands=args.print,
+        slurm=args.slurm, wandb_sweep=args.wandb_sweep, summary_only=args.summary,
+    )  # fmt: skip
 
 
 def _preflight(args: argparse.Namespace) -> int:
@@ -130,6 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=5e-5")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("sweep", help="many runs from a base config and a sweep file (grid / random / list)")
+    p.add_argument("--config", required=True, help="base YAML config of every run")
+    p.add_argument("--sweep", required=True, help="sweep YAML: grid, random or runs of dotted keys")
+    p.add_argument("overrides", nargs="*", help="key=value overrides for every run (the swept values win)")
+    p.add_argument("--dir", help="sweep folder (default: the sweep file's `dir`, else runs/sweeps/<name>)")
+    p.add_argument("--launcher", choices=["inprocess", "accelerate"], default="inprocess",
+                   help="train each run in this process, or as an `accelerate launch` subprocess")  # fmt: skip
+    p.add_argument("--print", action="store_true", help="print the accelerate command of each unfinished run")
+    p.add_argument("--slurm", action="store_true", help="write <dir>/sweep.slurm, an array job of unfinished runs")
+    p.add_argument("--wandb-sweep", action="store_true", help="write <dir>/wandb_sweep.yaml for wandb agents")
+    p.add_argument("--summary", action="store_true", help="only rebuild the summary from the run folders")
+    p.set_defaults(func=_sweep)
 
     p = sub.add_parser("preflight", help="check every triple of a config's datasets and print a report")
     p.add_argument("--config", required=True, help="YAML config file")

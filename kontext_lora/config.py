@@ -169,6 +169,9 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "Clip the LoRA gradient norm to this value (0 disables).")
     logit_mean: float = opt(0.0, "Mean of the logit-normal sigma sampler.")
     logit_std: float = opt(1.0, "Std of the logit-normal sigma sampler.")
+    resume: str = opt(
+        "", "Resume from `latest` (newest complete checkpoint in output.dir; fresh start if none) or a step-* folder."
+    )
 
 
 @dataclass
@@ -178,6 +181,7 @@ class OutputConfig:
     export_formats: list[str] = opt(
         [], "Also write these formats (kohya, comfyui) and a model card beside each saved adapter."
     )
+    keep_last: int = opt(0, "Keep only the newest K step-NNNNNN checkpoints (0 keeps all).")
 
 
 @dataclass
@@ -186,6 +190,44 @@ class LoggingConfig:
     log_every: int = opt(1, "Log metrics every N optimizer steps.")
     wandb_project: str = opt("kontext-lora", "wandb project name.")
     wandb_mode: str = opt("offline", "wandb mode: offline needs no network.", ("online", "offline", "disabled"))
+    wandb_group: str = opt("", "wandb run group (a sweep sets it to the sweep's name); empty: no group.")
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = opt(False, "Keep an exponential moving average of the adapter weights (saved beside the adapter).")
+    decay: float = opt(0.999, "EMA decay: ema = decay * ema + (1 - decay) * weights at each update.")
+    every: int = opt(1, "Update the EMA every N optimizer steps.")
+    ramp: bool = opt(
+        True, "Ramp the decay as min(decay, n/(9+n)) at the n-th update (diffusers EMAModel); false: constant decay."
+    )
+
+
+@dataclass
+class ValidationExample:
+    control: str = opt(MISSING, "Control image to edit.")
+    prompt: str = opt(MISSING, "Edit instruction.")
+    target: str = opt("", "Expected result (optional): adds it to the grid, the held-out loss and the edit metrics.")
+    mask: str = opt("", "Edit-region mask (optional, white = edited) for the outside-change metric.")
+
+
+@dataclass
+class ValidationConfig:
+    every: int = opt(0, "Validate every N optimizer steps and at the end (0 disables validation).")
+    examples: list[ValidationExample] = opt([], "Configured (control, prompt[, target, mask]) examples.")
+    heldout_path: str = opt("", "A dataset folder of held-out triples (same layouts as data.datasets).")
+    heldout_count: int = opt(0, "Hold this many triples (seeded pick by train.seed) out of training for validation.")
+    max_images: int = opt(8, "Sample and save grids for at most this many validation items (all count for the loss).")
+    steps: int = opt(28, "Inference steps of each validation sample.")
+    guidance: float = opt(2.5, "Guidance scale of each validation sample.")
+    seed: int = opt(0, "Seed of the sampling noise and of the held-out loss noise.")
+    sigmas: list[float] = opt([0.25, 0.5, 0.75], "Fixed sigmas at which the held-out flow-matching loss is taken.")
+    use_ema: bool = opt(False, "Validate (and pick the best) with the EMA weights instead of the raw adapter.")
+    best_metric: str = opt(
+        "heldout_loss",
+        "Metric picking the best step (adapter in best/, record in best.json); edit_psnr maximised, others minimised.",
+        ("heldout_loss", "edit_l1", "edit_psnr", "edit_outside_change", "none"),
+    )
 
 
 @dataclass
@@ -276,6 +318,8 @@ class Config:
     logging: LoggingConfig = opt(LoggingConfig(), "Metrics logging.")
     loss: LossConfig = opt(LossConfig(), "Sigma sampling, loss weighting and region-aware loss.")
     optim: OptimConfig = opt(OptimConfig(), "Optimizer and the non-finite loss guard.")
+    ema: EmaConfig = opt(EmaConfig(), "Exponential moving average of the adapter.")
+    validation: ValidationConfig = opt(ValidationConfig(), "Sampling and metrics during training.")
     speed: SpeedConfig = opt(SpeedConfig(), "Training fast path (docs/performance.md).")
 
 
@@ -364,6 +408,28 @@ def _check_values(cfg: Config) -> None:
     for fmt in cfg.output.export_formats:
         if fmt not in ("diffusers", "kohya", "comfyui"):
             raise ConfigError(f"config key `output.export_formats`: {fmt!r} is not one of diffusers, kohya, comfyui")
+    for key, value in {"output.keep_last": cfg.output.keep_last, "validation.every": cfg.validation.every,
+                       "validation.heldout_count": cfg.validation.heldout_count}.items():  # fmt: skip
+        if value < 0:
+            raise ConfigError(f"config key `{key}`: must be >= 0, got {value}")
+    if cfg.ema.every <= 0 or cfg.validation.steps <= 0:
+        key, value = ("ema.every", cfg.ema.every) if cfg.ema.every <= 0 else ("validation.steps", cfg.validation.steps)
+        raise ConfigError(f"config key `{key}`: must be > 0, got {value}")
+    if not 0.0 <= cfg.ema.decay <= 1.0:
+        raise ConfigError(f"config key `ema.decay`: must be in [0, 1], got {cfg.ema.decay}")
+    if any(not 0.0 < s <= 1.0 for s in cfg.validation.sigmas):
+        raise ConfigError(f"config key `validation.sigmas`: each must be in (0, 1], got {cfg.validation.sigmas}")
+    val = cfg.validation
+    has_targets = bool(val.heldout_path or val.heldout_count or any(e.target for e in val.examples))
+    if val.every and not (has_targets or val.examples):
+        raise ConfigError("config key `validation.every`: list validation.examples, a heldout_path or a heldout_count")
+    if val.every and val.best_metric != "none" and not has_targets:
+        raise ConfigError(
+            f"config key `validation.best_metric`: {val.best_metric} needs items with a target (heldout_path, "
+            "heldout_count or examples with `target`); or set it to none"
+        )
+    if cfg.validation.use_ema and not cfg.ema.enabled:
+        raise ConfigError("config key `validation.use_ema`: needs ema.enabled=true")
     if not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError(f"config key `lora.dropout`: must be in [0, 1), got {cfg.lora.dropout}")
     for key in ("checkpoint_fraction", "activation_budget"):

@@ -183,9 +183,9 @@ def load_encoders(cfg: Config):
     return pipe
 
 
-def release_encoders(pipe) -> None:
-    """Move the VAE and text encoders off the accelerator and drop them from the pipeline."""
-    for name in ("vae", "text_encoder", "text_encoder_2"):
+def release_encoders(pipe, keep_vae: bool = False) -> None:
+    """Move the VAE (unless `keep_vae`, for validation) and text encoders off the accelerator and drop them."""
+    for name in ("text_encoder", "text_encoder_2") if keep_vae else ("vae", "text_encoder", "text_encoder_2"):
         module = getattr(pipe, name, None)
         if module is not None:
             module.to("cpu")

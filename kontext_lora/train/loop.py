@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -18,11 +19,13 @@ from kontext_lora.data.buckets import BucketBatchSampler, bucket_table
 from kontext_lora.data.plan import bucket_keys_of, build_plan
 from kontext_lora.data.preflight import preflight, write_contact_sheet
 from kontext_lora.data.triples import DataError
-from kontext_lora.export.diffusers_format import WEIGHT_NAME, save_diffusers_lora
+from kontext_lora.export.diffusers_format import WEIGHT_NAME, read_lora_file, save_diffusers_lora
 from kontext_lora.export.formats import read_adapter, write_exports
 from kontext_lora.model.load import load_pipeline
 from kontext_lora.model.lora import adapter_state, inject_lora, load_adapter_state, lora_parameters
 from kontext_lora.model.speed import apply_speed
+from kontext_lora.train import checkpoint
+from kontext_lora.train.ema import EMA_WEIGHT_NAME, AdapterEMA
 from kontext_lora.train.encode import cached_dataset, collate_encoded, release_encoders
 from kontext_lora.train.objective import LatentBatch, flow_matching_loss, sample_sigmas
 from kontext_lora.train.optim import NonFiniteGuard, build_optimizer
@@ -51,6 +54,29 @@ def _repeat(loader: DataLoader):
         yield from loader
 
 
+class _Batches:
+    """Endless iterator over the loader that counts the micro-batches handed out: the data position.
+
+    Resuming replays that many draws (`skip`), which restores the position for any deterministic sampler
+    (shuffles, buckets, epochs) without knowing how it works; the batches are read and thrown away.
+    """
+
+    def __init__(self, loader: DataLoader):
+        self._batches = _repeat(loader)
+        self.consumed = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.consumed += 1
+        return next(self._batches)
+
+    def skip(self, count: int, show_progress: bool) -> None:
+        for _ in tqdm(range(count), desc="fast-forwarding data", unit="batch", disable=not show_progress):
+            next(self)
+
+
 def train(cfg: Config) -> Path:
     """Run a whole training job from the config; returns the path of the final adapter."""
     accelerator = _accelerator(cfg)
@@ -63,11 +89,20 @@ def train(cfg: Config) -> Path:
     accelerator.print(report.table())
     report.raise_on_errors()
     plan = build_plan(cfg.data, report)
+    items = None
+    if cfg.validation.every:  # validation images are read now too, so a bad one fails before the model loads
+        from kontext_lora.train.validation import split_heldout, validation_items
+
+        heldout: list = []
+        if cfg.validation.heldout_count:
+            plan, heldout = split_heldout(plan, cfg.validation.heldout_count, cfg.train.seed)
+        items = validation_items(cfg, [sample.triple for sample in heldout])
     if not plan:
         raise DataError("no usable triples: every triple was skipped (see the preflight warnings above)")
     accelerator.print(f"[kontext-lora] {len(plan)} triples from {len(cfg.data.datasets)} dataset(s)")
     accelerator.print(bucket_table([sample.bucket_key for sample in plan]))
     out_dir = Path(cfg.output.dir)
+    _resume_folder(cfg, out_dir)  # a bad train.resume fails now, not after the model has loaded
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -77,10 +112,15 @@ def train(cfg: Config) -> Path:
     pipe = load_pipeline(cfg.model)
     pipe.to(accelerator.device)
     encoded = cached_dataset(cfg, plan, pipe, accelerator, show_progress=main)
-    release_encoders(pipe)
+    validator = None
+    if items is not None:  # encodes the validation prompts now; keeps the VAE for sampling
+        from kontext_lora.train.validation import Validator
+
+        validator = Validator(cfg, pipe, items, accelerator)
+    release_encoders(pipe, keep_vae=validator is not None)
     transformer = pipe.transformer
     del pipe
-    return fit(cfg, transformer, encoded, accelerator)
+    return fit(cfg, transformer, encoded, accelerator, validator=validator)
 
 
 def _accelerator(cfg: Config) -> Accelerator:
@@ -92,8 +132,20 @@ def _accelerator(cfg: Config) -> Accelerator:
     )
 
 
-def fit(cfg: Config, transformer: torch.nn.Module, encoded: Dataset, accelerator: Accelerator | None = None) -> Path:
-    """Inject the LoRA into `transformer` and train it on cached encodings; returns the final adapter's path."""
+def fit(
+    cfg: Config,
+    transformer: torch.nn.Module,
+    encoded: Dataset,
+    accelerator: Accelerator | None = None,
+    *,
+    pipeline=None,
+    validator=None,
+) -> Path:
+    """Inject the LoRA into `transformer` and train it on cached encodings; returns the final adapter's path.
+
+    Validation (validation.every) needs a `validator` (see train()) or the FluxKontextPipeline whose transformer
+    this is (`pipeline`: its VAE, scheduler and text encoders build one on validation.examples / heldout_path).
+    """
     accelerator = accelerator or _accelerator(cfg)
     out_dir = Path(cfg.output.dir)
     inject_lora(transformer, cfg.lora)
@@ -124,20 +176,27 @@ def fit(cfg: Config, transformer: torch.nn.Module, encoded: Dataset, accelerator
         wandb = cfg.logging.report_to == "wandb"
         accelerator.init_trackers(
             cfg.logging.wandb_project if wandb else "logs", config=_flat_hparams(to_dict(cfg)),
-            init_kwargs={"wandb": {"mode": cfg.logging.wandb_mode, "dir": str(out_dir)}} if wandb else {},
+            init_kwargs={"wandb": {"mode": cfg.logging.wandb_mode, "dir": str(out_dir), "name": out_dir.name,
+                                   "group": cfg.logging.wandb_group or None}} if wandb else {},
         )  # fmt: skip
 
     noise_generator = torch.Generator(device=accelerator.device).manual_seed(
         cfg.train.seed * 1000 + accelerator.process_index
     )
-    save = _saver(accelerator, transformer, cfg)
+    ema = AdapterEMA(params, cfg.ema) if cfg.ema.enabled else None
+    save = _saver(accelerator, transformer, cfg, ema)
     guard = NonFiniteGuard(cfg.optim.nonfinite_limit)
-    if accelerator.is_main_process:  # a fresh run starts a fresh log
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / METRICS_NAME).unlink(missing_ok=True)
-    batches = _repeat(loader)
-    progress = tqdm(range(cfg.train.steps), desc="training", unit="step", disable=not accelerator.is_main_process)
-    step, loss_sum, micro, tick = 0, 0.0, 0, time.perf_counter()
+    batches = _Batches(loader)
+    if validator is None and pipeline is not None and cfg.validation.every:
+        from kontext_lora.train.validation import Validator, validation_items
+
+        validator = Validator(cfg, pipeline, validation_items(cfg), accelerator)
+    validator = validator if cfg.validation.every else None
+    state = _TrainingState(accelerator, transformer, optimizer, scheduler, ema, batches, noise_generator)
+    step = _start_or_resume(cfg, out_dir, state)
+    progress = tqdm(total=cfg.train.steps, initial=step, desc="training", unit="step",
+                    disable=not accelerator.is_main_process)  # fmt: skip
+    loss_sum, micro, tick = 0.0, 0, time.perf_counter()
     transformer.train()
     while step < cfg.train.steps:
         with accelerator.accumulate(transformer):
@@ -162,6 +221,8 @@ def fit(cfg: Config, transformer: torch.nn.Module, encoded: Dataset, accelerator
         if not accelerator.sync_gradients:
             continue
         step += 1
+        if ema is not None:
+            ema.update(step)
         seconds, tick = time.perf_counter() - tick, time.perf_counter()
         logs = {"loss": loss_sum / micro, "lr": scheduler.get_last_lr()[0], "s_per_step": seconds}
         loss_sum, micro = 0.0, 0
@@ -171,8 +232,12 @@ def fit(cfg: Config, transformer: torch.nn.Module, encoded: Dataset, accelerator
             accelerator.log(logs, step=step)
         if accelerator.is_main_process:
             _append_metrics(out_dir, {"step": step, **logs, "peak_gib": _peak_gib(accelerator.device)})
+        if validator is not None and (step % cfg.validation.every == 0 or step == cfg.train.steps):
+            transformer.eval()
+            validator.run(step, accelerator.unwrap_model(transformer), save, ema)
+            transformer.train()
         if cfg.output.save_every and step % cfg.output.save_every == 0 and step < cfg.train.steps:
-            save(step, out_dir / f"step-{step:06d}")
+            state.save(step, out_dir, save, cfg.output.keep_last)
     progress.close()
     final = save(step, out_dir)
     accelerator.end_training()
@@ -187,6 +252,121 @@ def _append_metrics(out_dir: Path, record: dict) -> None:
     """Append one JSON line to <output.dir>/metrics.jsonl: the run's own log that sweeps and tools read back."""
     with open(out_dir / METRICS_NAME, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(out_dir: Path, step: int) -> None:
+    """Drop metrics.jsonl records of steps after `step` (a resumed run writes them again), atomically."""
+    path = out_dir / METRICS_NAME
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # a line torn by the kill that stopped the previous run
+            continue
+    tmp = path.with_name(f".{METRICS_NAME}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _start_or_resume(cfg: Config, out_dir: Path, state: _TrainingState) -> int:
+    """Start fresh (a new metrics log) or restore the checkpoint train.resume names; returns the step to go on from."""
+    accelerator = state.accelerator
+    resume_from = _resume_folder(cfg, out_dir)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.clean_stale(out_dir)
+    if resume_from is None:
+        if accelerator.is_main_process:
+            (out_dir / METRICS_NAME).unlink(missing_ok=True)
+        return 0
+    step = state.load(resume_from)
+    accelerator.print(f"[kontext-lora] resumed from {resume_from} at step {step}")
+    if accelerator.is_main_process:  # the log continues; records of steps past the checkpoint are written again
+        _truncate_metrics(out_dir, step)
+    return step
+
+
+def _resume_folder(cfg: Config, out_dir: Path) -> Path | None:
+    try:
+        return checkpoint.resolve_resume(cfg.train.resume, out_dir)
+    except checkpoint.CheckpointError as exc:
+        raise TrainingError(str(exc)) from None
+
+
+class _TrainingState:
+    """Everything a checkpoint saves and a resume restores, besides the adapter file itself."""
+
+    def __init__(self, accelerator, transformer, optimizer, scheduler, ema, batches, noise_generator):
+        self.accelerator, self.transformer, self.optimizer, self.scheduler = (
+            accelerator,
+            transformer,
+            optimizer,
+            scheduler,
+        )
+        self.ema, self.batches, self.generators = ema, batches, {"noise": noise_generator}
+
+    def save(self, step: int, out_dir: Path, save_adapter, keep_last: int) -> Path:
+        """Write step-NNNNNN/ atomically (see checkpoint.py); every process writes its RNG state."""
+        accelerator = self.accelerator
+        tmp, final = checkpoint.temp_dir(out_dir, step), checkpoint.step_dir(out_dir, step)
+        if accelerator.is_main_process:
+            checkpoint.begin(out_dir, step)
+        accelerator.wait_for_everyone()
+        checkpoint.write_state(tmp, f"rng_{accelerator.process_index}", checkpoint.rng_state(self.generators))
+        save_adapter(step, tmp)
+        if accelerator.is_main_process:
+            state = {
+                "step": step,
+                "micro_batches": self.batches.consumed,
+                "num_processes": accelerator.num_processes,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+            }
+            if self.ema is not None:
+                state["ema"] = self.ema.state()
+            if accelerator.scaler is not None:
+                state["grad_scaler"] = accelerator.scaler.state_dict()
+            checkpoint.write_state(tmp, checkpoint.STATE_NAME, state)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            checkpoint.commit(tmp, final, {"step": step})
+            checkpoint.prune(out_dir, keep_last)
+        accelerator.wait_for_everyone()
+        return final
+
+    def load(self, folder: Path) -> int:
+        """Restore adapter, optimizer, scheduler, EMA, data position and RNG states; returns the step."""
+        accelerator = self.accelerator
+        try:
+            state = checkpoint.read_state(folder, checkpoint.STATE_NAME)
+            rng = checkpoint.read_state(folder, f"rng_{accelerator.process_index}")
+        except checkpoint.CheckpointError as exc:
+            raise TrainingError(f"train.resume: {exc}") from None
+        if state["num_processes"] != accelerator.num_processes:
+            raise TrainingError(
+                f"train.resume: {folder} was written by {state['num_processes']} processes, this run has "
+                f"{accelerator.num_processes}; resume with the same number of processes"
+            )
+        tensors, _ = read_lora_file(folder / WEIGHT_NAME)
+        try:
+            adapter = {key.removeprefix("transformer."): value for key, value in tensors.items()}
+            load_adapter_state(accelerator.unwrap_model(self.transformer), adapter)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.ema is not None:
+                if "ema" not in state:
+                    raise ValueError("the checkpoint has no EMA state but ema.enabled=true")
+                self.ema.load_state(state["ema"])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise TrainingError(f"train.resume: {folder} does not fit this config: {exc}") from None
+        if accelerator.scaler is not None and "grad_scaler" in state:
+            accelerator.scaler.load_state_dict(state["grad_scaler"])
+        self.batches.skip(state["micro_batches"], show_progress=accelerator.is_main_process)
+        checkpoint.restore_rng_state(rng, self.generators)  # last: replaying the data may draw random numbers
+        return int(state["step"])
 
 
 def _peak_gib(device: torch.device) -> float | None:
@@ -218,8 +398,11 @@ def _init_from_file(transformer: torch.nn.Module, cfg: Config) -> None:
         raise TrainingError(f"lora.init_from: {cfg.lora.init_from}: {exc}") from None
 
 
-def _saver(accelerator: Accelerator, transformer: torch.nn.Module, cfg: Config):
-    """A function that writes the adapter (diffusers format, atomically) from the main process."""
+def _saver(accelerator: Accelerator, transformer: torch.nn.Module, cfg: Config, ema: AdapterEMA | None = None):
+    """A function that writes the adapter (diffusers format, atomically) from the main process.
+
+    With an EMA, its weights are written beside the adapter as pytorch_lora_weights_ema.safetensors.
+    """
 
     def save(step: int, folder: Path) -> Path:
         path = folder / WEIGHT_NAME
@@ -236,6 +419,12 @@ def _saver(accelerator: Accelerator, transformer: torch.nn.Module, cfg: Config):
                 "config": to_dict(cfg),
             }
             save_diffusers_lora(path, {k: v.float() for k, v in state.items()}, peft_config, info)
+            if ema is not None:
+                with ema.applied():
+                    ema_state = {
+                        k: v.float().clone() for k, v in adapter_state(accelerator.unwrap_model(transformer))[0].items()
+                    }
+                save_diffusers_lora(folder / EMA_WEIGHT_NAME, ema_state, peft_config, {**info, "ema": True})
             extra = [fmt for fmt in cfg.output.export_formats if fmt != "diffusers"]
             if extra:
                 write_exports(path, folder, extra, name=Path(cfg.output.dir).name)
