@@ -218,6 +218,7 @@ def ours_step_fn(transformer: torch.nn.Module, batch, device: torch.device, over
     from kontext_lora.model.lora import inject_lora
     from kontext_lora.model.speed import apply_speed
     from kontext_lora.train.loop import training_step
+    from kontext_lora.train.optim import build_optimizer
 
     diffusers_backend = [o[1:] for o in overrides if o.startswith("!")]
     overrides = [o for o in overrides if not o.startswith("!")]
@@ -242,7 +243,7 @@ def ours_step_fn(transformer: torch.nn.Module, batch, device: torch.device, over
         transformer.set_attention_backend(diffusers_backend[0])
         applied["attention"] = f"diffusers {diffusers_backend[0]}"
     print(f"applied: {applied}", flush=True)
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, fused=device.type == "cuda")
+    optimizer = build_optimizer(params, cfg)  # AdamW, fused where the device has it (cfg.optim)
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
     transformer.train()
     generator = torch.Generator(device).manual_seed(0)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import extract_model_from_parallel
 from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
@@ -106,7 +107,7 @@ def predict_velocity(
     hidden_states, img_ids, num_target_tokens = kontext_inputs(noisy_latents, batch.control_latents)
     txt_ids = torch.zeros(batch.prompt_embeds.shape[1], 3, device=hidden_states.device, dtype=img_ids.dtype)
     guidance_vec = torch.full((noisy_latents.shape[0],), guidance, device=hidden_states.device, dtype=torch.float32)
-    model_dtype = transformer.dtype
+    model_dtype = extract_model_from_parallel(transformer).dtype  # DDP/FSDP wrappers have no `.dtype`
     prediction = transformer(
         hidden_states=hidden_states.to(model_dtype),
         timestep=sigmas.to(model_dtype),
