@@ -15,3 +15,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from kontext_lora.model.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-kontext")
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: the tiny model gains nothing from more, and on a shared 2-core machine they thrash."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
