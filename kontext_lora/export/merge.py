@@ -7,8 +7,6 @@ and per-module alphas merge exactly as they run. Rank resizing is an SVD of each
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +14,7 @@ from typing import Any
 
 import torch
 
+from kontext_lora.atomic import atomic_directory
 from kontext_lora.export import names
 from kontext_lora.export.diffusers_format import KONTEXT_LORA_METADATA_KEY, atomic_save_safetensors
 from kontext_lora.export.formats import Adapter, FormatError, ModuleLora, to_diffusers
@@ -116,18 +115,10 @@ def save_merged(
         return atomic_save_safetensors(state, out, metadata)
     if fmt != "diffusers":
         raise FormatError(f"unknown merge format {fmt!r}; choose one of {', '.join(MERGE_FORMATS)}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         transformer.save_pretrained(tmp)
         if record:
             (tmp / "kontext_lora_merge.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -142,23 +142,14 @@ def build_tiny_pipeline(seed: int = 0):
 
 def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:
     """Build the tiny pipeline and save it in diffusers layout at `directory` (atomically: temp dir, rename)."""
-    import shutil
-    import tempfile
+    from kontext_lora.atomic import atomic_directory
 
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
     pipe = build_tiny_pipeline(seed)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         pipe.save_pretrained(tmp)
         (tmp / "KONTEXT_LORA_TINY.txt").write_text(
             "Tiny random FLUX.1-Kontext pipeline built by `kontext-lora make-tiny-model` (seed "
             f"{seed}). Random weights: for tests and examples only.\n"
         )
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.rename(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory

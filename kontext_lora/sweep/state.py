@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from kontext_lora.atomic import atomic_path
 
 STATUS_NAME = "status.json"  # {"status", "error", "overrides", "seconds"} written by the sweep around each run
 CONFIG_NAME = "config.yaml"  # the resolved config (the loop writes the same text)
@@ -21,14 +21,8 @@ STATES = ("done", "failed", "running", "interrupted", "incomplete", "pending")
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temp file in the same folder and os.replace, so a killed sweep never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_status(run_dir: Path, status: str, **fields: Any) -> None:

@@ -13,15 +13,14 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import statistics
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
+from kontext_lora.atomic import atomic_path
 from kontext_lora.sweep.spec import Sweep, dotlist_value
 from kontext_lora.sweep.state import CONFIG_NAME, atomic_write_text, read_metrics, read_status, run_state
 
@@ -183,13 +182,10 @@ def plot_losses(sweep: Sweep, rows: list[RunSummary], path: Path) -> Path | None
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, loc="upper right")
     figure.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            figure.savefig(handle, format="png")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, format="png")
     finally:
-        Path(tmp).unlink(missing_ok=True)
         plt.close(figure)
     return path
 
