@@ -12,41 +12,18 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from kontext_lora.config import load_config
 from kontext_lora.data.triples import TripleDataset, discover_triples
 from kontext_lora.model.load import load_pipeline
-from kontext_lora.train.encode import EncodedDataset, collate_encoded, encode_dataset
+from kontext_lora.train.encode import collate_encoded, encode_dataset
 from kontext_lora.train.loop import fit
-from kontext_lora.train.objective import LatentBatch, flow_matching_loss
+from kontext_lora.train.objective import LatentBatch
+
+from .tiny_task import heldout_mse, negated, write_images
 
 RESOLUTION = 64  # 8x8 latents -> 16 target + 16 control tokens
-
-
-def _write_images(folder: Path, count: int, seed: int) -> Path:
-    """Smooth random colour images (a 4x4 colour grid, bicubic upsampled); control = target on disk."""
-    rng = np.random.default_rng(seed)
-    for sub in ("control", "target"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        grid = (rng.random((4, 4, 3)) * 255).astype("uint8")
-        image = Image.fromarray(grid).resize((RESOLUTION, RESOLUTION), Image.BICUBIC)
-        image.save(folder / "control" / f"{i:03d}.png")
-        image.save(folder / "target" / f"{i:03d}.png")
-        (folder / "target" / f"{i:03d}.txt").write_text("invert it")
-    return folder
-
-
-def _negated(encoded: EncodedDataset) -> EncodedDataset:
-    return EncodedDataset([{**item, "target_latents": -item["control_latents"]} for item in encoded.items])
-
-
-def _heldout_loss(transformer, batch: LatentBatch, sigmas: torch.Tensor, noise: torch.Tensor) -> float:
-    with torch.no_grad():
-        return flow_matching_loss(transformer, batch, sigmas, noise, guidance=1.0).item()
 
 
 def test_adapter_learns_an_edit_that_needs_the_control(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -62,25 +39,23 @@ def test_adapter_learns_an_edit_that_needs_the_control(tiny_model_dir: Path, tmp
         ],
     )  # fmt: skip
     pipe = load_pipeline(cfg.model)
-    train_set = _write_images(tmp_path / "train", 512, seed=0)
-    heldout_set = _write_images(tmp_path / "heldout", 32, seed=1)
-    encode = lambda root: _negated(  # noqa: E731
+    train_set = write_images(tmp_path / "train", 512, 0, RESOLUTION)
+    heldout_set = write_images(tmp_path / "heldout", 32, 1, RESOLUTION)
+    encode = lambda root: negated(  # noqa: E731
         encode_dataset(pipe, TripleDataset(discover_triples(root), RESOLUTION), 8, show_progress=False)
     )
     train_data, heldout = encode(train_set), collate_encoded(encode(heldout_set).items)
 
-    # Fixed sigmas and noise for every evaluation; the shuffled batch pairs each target with another's control.
-    sigmas = torch.tensor([0.3, 0.5, 0.7, 0.9]).repeat(8)
-    noise = torch.randn(heldout.target_latents.shape, generator=torch.Generator().manual_seed(123))
+    # heldout_mse uses fixed sigmas and noise; the shuffled batch pairs each target with another's control.
     shuffled = LatentBatch(heldout.target_latents, [c.roll(1, dims=0) for c in heldout.control_latents],
                            heldout.prompt_embeds, heldout.pooled_embeds)  # fmt: skip
 
-    base = _heldout_loss(pipe.transformer, heldout, sigmas, noise)
+    base = heldout_mse(pipe.transformer, heldout)
     start = time.perf_counter()
     fit(cfg, pipe.transformer, train_data)
     seconds = time.perf_counter() - start
-    trained = _heldout_loss(pipe.transformer, heldout, sigmas, noise)
-    trained_shuffled = _heldout_loss(pipe.transformer, shuffled, sigmas, noise)
+    trained = heldout_mse(pipe.transformer, heldout)
+    trained_shuffled = heldout_mse(pipe.transformer, shuffled)
 
     report = f"base {base:.3f} trained {trained:.3f} shuffled {trained_shuffled:.3f} ({seconds:.0f} s)"
     print(report)
