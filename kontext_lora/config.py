@@ -309,6 +309,30 @@ class SpeedConfig:
 
 
 @dataclass
+class MemoryConfig:
+    base_quant: str = opt(
+        "none",
+        "Storage of the frozen transformer linears under the LoRA: none (model.dtype), fp8 (e4m3 weights with "
+        "per-output-channel scales, about half of bf16), nf4 (4-bit NormalFloat, about a quarter).",
+        ("none", "fp8", "nf4"),
+    )
+    block_swap: int = opt(
+        0, "Transformer blocks whose frozen weights live in pinned CPU memory, prefetched on a side stream (0 = off)."
+    )
+    text_encoder: str = opt(
+        "device",
+        "Where the text encoders run while the cache is filled: device, or cpu_offload (each model on the device "
+        "only while it encodes).",
+        ("device", "cpu_offload"),
+    )
+    budget_gib: float = opt(
+        0.0,
+        "Accelerator memory budget (GiB); > 0: training applies the planner's cheapest knob set that fits "
+        "(`kontext-lora plan`), 0 = use the keys as given.",
+    )
+
+
+@dataclass
 class Config:
     model: ModelConfig = opt(ModelConfig(), "The base model.")
     data: DataConfig = opt(DataConfig(), "Training data.")
@@ -321,6 +345,7 @@ class Config:
     ema: EmaConfig = opt(EmaConfig(), "Exponential moving average of the adapter.")
     validation: ValidationConfig = opt(ValidationConfig(), "Sampling and metrics during training.")
     speed: SpeedConfig = opt(SpeedConfig(), "Training fast path (docs/performance.md).")
+    memory: MemoryConfig = opt(MemoryConfig(), "Low-memory training: quantized base, block swap, a budget planner.")
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -435,6 +460,9 @@ def _check_values(cfg: Config) -> None:
     for key in ("checkpoint_fraction", "activation_budget"):
         if not 0.0 <= getattr(cfg.speed, key) <= 1.0:
             raise ConfigError(f"config key `speed.{key}`: must be in [0, 1], got {getattr(cfg.speed, key)}")
+    if cfg.memory.block_swap < 0 or cfg.memory.budget_gib < 0:
+        key = "memory.block_swap" if cfg.memory.block_swap < 0 else "memory.budget_gib"
+        raise ConfigError(f"config key `{key}`: must be >= 0, got {getattr(cfg.memory, key.split('.')[1])}")
     _check_training_features(cfg)
 
 
