@@ -1,0 +1,283 @@
+"""A quantized frozen base under the LoRA (`memory.base_quant`): fp8 or nf4 storage of the block linears.
+
+The 57 repeated blocks hold almost all of FLUX.1's 12B parameters (22.4 GiB in bf16). `quantize_base` replaces
+each frozen `nn.Linear` inside them (PEFT's `*.base_layer` and the linears the LoRA does not target) by a module
+that stores the weight quantized and dequantizes it on the fly, in forward AND again in backward, so that autograd
+never keeps a full-precision copy of a weight alive between the passes:
+
+- fp8: float8 e4m3 weights with one fp32 scale per output channel (`Float8WeightLinear`): 1 byte a weight.
+- nf4: 4-bit NormalFloat as torchao's `to_nf4` quantizes it (blocks of 64 with double-quantized scales;
+  QLoRA's format, as torchtune uses it) (`NF4WeightLinear`): about 0.52 bytes a weight.
+
+Called after `inject_lora` (PEFT never sees a quantized weight: at injection it casts new adapter weights to the
+base weight's dtype when that is a float type, and float8 is one) and before `apply_speed` (compile last).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kontext_lora.config import ConfigError
+
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn value
+NF4_BLOCK = 64  # weights per NF4 scale (torchao / QLoRA default)
+NF4_SCALER_BLOCK = 256  # NF4 scales per second-level scale
+NF4_GRANULE = NF4_BLOCK * NF4_SCALER_BLOCK  # a weight's element count must be a multiple of this for to_nf4
+MODES = ("fp8", "nf4")
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear runs in: autocast's when it is on (accelerate's mixed precision), else the input's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+# The dequantizing matmuls are custom ops (opaque to torch.compile) with their own autograd formula. Why not plain
+# ops in an autograd.Function: compiled, AOTAutograd's partitioner sees the cast of the weight and chose to SAVE the
+# dequantized bf16 weight for backward (measured on the tiny model), which undoes the savings; as opaque ops, forward
+# saves only what `_save_quantized` saves and backward dequantizes again. And why not torchao's weight-only fp8
+# (`Float8WeightOnlyConfig`, torchao 0.18): it dequantizes inside its `F.linear` override, above autograd, so backward
+# keeps every layer's dequantized weight alive too (checked with saved_tensors_hooks).
+
+
+@torch.library.custom_op("kontext_lora::fp8_linear", mutates_args=())
+def _fp8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(..., in) -> (..., out): x @ Q^T * scale, Q the (out, in) e4m3 weight stored as uint8, scale (out,) fp32.
+
+    The per-channel scale is applied to the output columns, so the weight is only cast, never multiplied."""
+    return F.linear(x, qweight.view(torch.float8_e4m3fn).to(x.dtype)) * scale.to(x.dtype)
+
+
+@_fp8_linear.register_fake
+def _(x, qweight, scale):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@torch.library.custom_op("kontext_lora::fp8_linear_grad_input", mutates_args=())
+def _fp8_linear_grad_input(grad_out: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(..., out) -> (..., in): the gradient w.r.t. the input of `_fp8_linear`."""
+    return (grad_out * scale.to(grad_out.dtype)) @ qweight.view(torch.float8_e4m3fn).to(grad_out.dtype)
+
+
+@_fp8_linear_grad_input.register_fake
+def _(grad_out, qweight, scale):
+    return grad_out.new_empty((*grad_out.shape[:-1], qweight.shape[1]))
+
+
+def _save_quantized(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[1:])  # the quantized weight's parts; never the input or a dequantized weight
+
+
+def _fp8_backward(ctx, grad_out):
+    return _fp8_linear_grad_input(grad_out, *ctx.saved_tensors), None, None  # the frozen weight gets no gradient
+
+
+_fp8_linear.register_autograd(_fp8_backward, setup_context=_save_quantized)
+
+
+class Float8WeightLinear(torch.nn.Module):
+    """A frozen linear with an e4m3 weight and per-output-channel scales; computes in the input / autocast dtype.
+
+    The weight is kept as a uint8 buffer (its float8 bits), so `module.to(dtype)` casts cannot silently turn it back
+    into a wide float.
+    """
+
+    def __init__(self, linear: torch.nn.Linear, device: torch.device | None = None):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().to(device)  # (out, in)
+        with torch.no_grad():
+            amax = weight.abs().amax(dim=1).float()  # (out,)
+            scale = (amax / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+            qweight = (weight.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        self.register_buffer("qweight", qweight.view(torch.uint8))  # (out, in)
+        self.register_buffer("scale", scale)  # (out,) fp32
+        bias = linear.bias
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().to(device), requires_grad=False)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (out, in) weight this layer computes with, in `dtype` (a new tensor)."""
+        return self.qweight.view(torch.float8_e4m3fn).to(dtype) * self.scale.to(dtype)[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(x)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        out = _fp8_linear(x.to(dtype), self.qweight, self.scale)  # (..., out)
+        return out + bias if bias is not None else out
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8_e4m3 per-channel"
+
+
+def _nf4_weight(
+    data: torch.Tensor,
+    scalers: torch.Tensor,
+    factors: torch.Tensor,
+    mean: torch.Tensor,
+    lut: torch.Tensor,
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Dequantize NF4 (torchao's layout, as `NF4Tensor.get_original_weight`) -> (out, in) in `dtype`.
+
+    data (numel/2,) uint8: two 4-bit codes a byte, first code in the high nibble; scalers (numel/64,) int8 block
+    scales, double-quantized with factors (numel/64/256,) and mean (); lut (16,) the NF4 code values.
+    """
+    block_scales = (scalers.view(factors.shape[0], -1) / factors[:, None]).flatten().to(dtype) + mean.to(dtype)
+    lut = lut.to(dtype)
+    codes = torch.stack([lut[(data >> 4).long()], lut[(data & 15).long()]], dim=-1)  # (numel/2, 2): interleaved
+    return (codes.view(block_scales.shape[0], -1) * block_scales[:, None]).view(shape)
+
+
+@torch.library.custom_op("kontext_lora::nf4_linear", mutates_args=())
+def _nf4_linear(
+    x: torch.Tensor,
+    data: torch.Tensor,
+    scalers: torch.Tensor,
+    factors: torch.Tensor,
+    mean: torch.Tensor,
+    lut: torch.Tensor,
+    out_features: int,
+    in_features: int,
+) -> torch.Tensor:
+    """(..., in) -> (..., out): x @ W^T with W dequantized from NF4 (see `_nf4_weight`) for this call only."""
+    return F.linear(x, _nf4_weight(data, scalers, factors, mean, lut, (out_features, in_features), x.dtype))
+
+
+@_nf4_linear.register_fake
+def _(x, data, scalers, factors, mean, lut, out_features, in_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.custom_op("kontext_lora::nf4_linear_grad_input", mutates_args=())
+def _nf4_linear_grad_input(
+    grad_out: torch.Tensor,
+    data: torch.Tensor,
+    scalers: torch.Tensor,
+    factors: torch.Tensor,
+    mean: torch.Tensor,
+    lut: torch.Tensor,
+    out_features: int,
+    in_features: int,
+) -> torch.Tensor:
+    """(..., out) -> (..., in): the gradient w.r.t. the input of `_nf4_linear`."""
+    return grad_out @ _nf4_weight(data, scalers, factors, mean, lut, (out_features, in_features), grad_out.dtype)
+
+
+@_nf4_linear_grad_input.register_fake
+def _(grad_out, data, scalers, factors, mean, lut, out_features, in_features):
+    return grad_out.new_empty((*grad_out.shape[:-1], in_features))
+
+
+def _save_nf4(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[1:6])  # the NF4 parts only
+    ctx.shape = inputs[6:]
+
+
+def _nf4_backward(ctx, grad_out):
+    return (_nf4_linear_grad_input(grad_out, *ctx.saved_tensors, *ctx.shape),) + (None,) * 7
+
+
+_nf4_linear.register_autograd(_nf4_backward, setup_context=_save_nf4)
+
+
+class NF4WeightLinear(torch.nn.Module):
+    """A frozen linear with a 4-bit NormalFloat weight, quantized by torchao's `to_nf4` (QLoRA's double-quantized
+    format, blocks of 64); computes in the input / autocast dtype.
+
+    It keeps the NF4Tensor's plain inner tensors rather than the NF4Tensor: an NF4Tensor parameter inside a compiled
+    Flux block fails in torch 2.13 ("output aliasing ... unsupported if there are any subclass outputs").
+    """
+
+    _PARTS = ("nf4_data", "nf4_scalers", "nf4_factors", "nf4_mean", "nf4_lut")
+
+    def __init__(self, linear: torch.nn.Linear, device: torch.device | None = None):
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        nf4 = to_nf4(linear.weight.detach().to(device).contiguous(), NF4_BLOCK, NF4_SCALER_BLOCK)  # (out, in)
+        inner = (nf4.quantized_data, nf4.quantized_scalers, nf4.quantization_factor, nf4.scaler_mean, nf4.nf4)
+        for name, tensor in zip(self._PARTS, inner, strict=True):
+            self.register_buffer(name, tensor)
+        bias = linear.bias
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().to(device), requires_grad=False)
+
+    def _parts(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, name) for name in self._PARTS)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (out, in) weight this layer computes with, in `dtype` (a new tensor)."""
+        return _nf4_weight(*self._parts(), (self.out_features, self.in_features), dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(x)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        out = _nf4_linear(x.to(dtype), *self._parts(), self.out_features, self.in_features)  # (..., out)
+        return out + bias if bias is not None else out
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, nf4 block {NF4_BLOCK}"
+
+
+QUANTIZED = (Float8WeightLinear, NF4WeightLinear)
+
+
+def _frozen_block_linears(transformer: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
+    """(parent, attribute) of every frozen nn.Linear inside the repeated blocks (adapter layers excluded)."""
+    found = []
+    for blocks in (transformer.transformer_blocks, transformer.single_transformer_blocks):
+        for block in blocks:
+            for parent in block.modules():
+                for name, child in parent.named_children():
+                    if type(child) is torch.nn.Linear and not child.weight.requires_grad:
+                        found.append((parent, name))
+    return found
+
+
+def quantize_base(transformer: torch.nn.Module, mode: str, device: torch.device | None = None) -> int:
+    """Store the frozen linears of the transformer's repeated blocks in fp8 or nf4; returns how many were converted.
+
+    Layer by layer: each bf16 weight is moved to `device` (when given), quantized there and dropped, so the device's
+    peak is about the quantized model plus one layer, whether the model arrives on the CPU or already on the device.
+    The rest of the model (embedders, norms, the LoRA) is moved to `device` at the end. nf4 needs a weight's element
+    count to be a multiple of 64 * 256; layers that are not stay unquantized (counted in `quantization_report`).
+    """
+    if mode not in MODES:
+        raise ConfigError(f"config key `memory.base_quant`: {mode!r} is not one of none, {', '.join(MODES)}")
+    converted = kept = 0
+    for parent, name in _frozen_block_linears(transformer):
+        linear = getattr(parent, name)
+        if mode == "nf4" and linear.weight.numel() % NF4_GRANULE:
+            kept += 1
+            linear.to(device)
+            continue
+        quantized = (Float8WeightLinear if mode == "fp8" else NF4WeightLinear)(linear, device)
+        setattr(parent, name, quantized)  # the bf16 Linear (and its weight) is freed once `linear` is rebound
+        del linear, quantized
+        converted += 1
+    if device is not None:
+        transformer.to(device)
+    transformer._kontext_base_quant = {"mode": mode, "linears": converted, "kept": kept}
+    return converted
+
+
+def quantization_report(transformer: torch.nn.Module) -> dict[str, object] | None:
+    """{"mode", "linears" converted, "kept" unquantized, "gib" of the quantized weights}, or None if not quantized."""
+    report = getattr(transformer, "_kontext_base_quant", None)
+    if report is None:
+        return None
+    return {**report, "gib": round(quantized_nbytes(transformer) / 2**30, 3)}
+
+
+def quantized_nbytes(module: torch.nn.Module) -> int:
+    """Bytes held by the quantized linears under `module`: weights and their scales (biases excluded)."""
+    total = 0
+    for layer in module.modules():
+        if isinstance(layer, Float8WeightLinear):
+            total += layer.qweight.nbytes + layer.scale.nbytes
+        elif isinstance(layer, NF4WeightLinear):
+            total += sum(t.nbytes for t in layer._parts())
+    return total
