@@ -463,6 +463,16 @@ def _check_values(cfg: Config) -> None:
     if cfg.memory.block_swap < 0 or cfg.memory.budget_gib < 0:
         key = "memory.block_swap" if cfg.memory.block_swap < 0 else "memory.budget_gib"
         raise ConfigError(f"config key `{key}`: must be >= 0, got {getattr(cfg.memory, key.split('.')[1])}")
+    if cfg.memory.base_quant != "none" and cfg.speed.fp8_base:
+        raise ConfigError(
+            f"config key `speed.fp8_base`: float8 matmuls of a bf16 base do not combine with memory.base_quant="
+            f"{cfg.memory.base_quant} (a quantized base); set one of them"
+        )
+    if cfg.memory.base_quant != "none" and (cfg.lora.adapter_type != "lora" or cfg.lora.use_dora):
+        raise ConfigError(
+            f"config key `memory.base_quant`: a quantized base trains a plain LoRA only, not "
+            f"{'DoRA' if cfg.lora.use_dora else cfg.lora.adapter_type} (they read the base weight itself)"
+        )
     _check_training_features(cfg)
 
 

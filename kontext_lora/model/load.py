@@ -39,10 +39,28 @@ def load_pipeline(cfg: ModelConfig, torch_dtype: torch.dtype | None = None):
     return pipe
 
 
+def load_transformer(cfg: ModelConfig, device: torch.device | None = None):
+    """Only the FluxTransformer2DModel of the configured folder (`transformer/` subfolder), in model.dtype, on
+    `device` (None: left on the CPU, e.g. for `quantize_base` to move it layer by layer)."""
+    from diffusers import FluxTransformer2DModel
+
+    folder = Path(cfg.pretrained)
+    if not (folder / "transformer" / "config.json").is_file():
+        raise ModelError(f"config key `model.pretrained`: {folder} has no transformer/ folder of a diffusers pipeline")
+    transformer = FluxTransformer2DModel.from_pretrained(str(folder), subfolder="transformer", dtype=DTYPES[cfg.dtype])
+    if not transformer.config.guidance_embeds:
+        raise ModelError(
+            f"{folder}/transformer: guidance_embeds is false; FLUX.1-Kontext-dev needs a guidance embedder"
+        )
+    return transformer.to(device) if device is not None else transformer
+
+
 @torch.no_grad()
 def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) pixels in [-1, 1] -> (B, 16, H/8, W/8) normalised latents (distribution mode, shift, scale)."""
-    images = images.to(device=vae.device, dtype=vae.dtype)
+    hook = getattr(vae, "_hf_hook", None)  # under model CPU offload the VAE sits on the CPU until encode() runs
+    device = getattr(hook, "execution_device", None) or vae.device
+    images = images.to(device=device, dtype=vae.dtype)
     latents = vae.encode(images).latent_dist.mode()
     return (latents - vae.config.shift_factor) * vae.config.scaling_factor
 

@@ -183,8 +183,18 @@ def load_encoders(cfg: Config):
     return pipe
 
 
+def place_encoders(pipe, placement: str, device: torch.device) -> None:
+    """memory.text_encoder: `device` puts the VAE and text encoders on `device`; `cpu_offload` keeps them on the CPU
+    and moves each onto `device` only while it runs (diffusers' model CPU offload)."""
+    if placement == "cpu_offload":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+
+
 def release_encoders(pipe, keep_vae: bool = False) -> None:
     """Move the VAE (unless `keep_vae`, for validation) and text encoders off the accelerator and drop them."""
+    pipe.remove_all_hooks()  # model CPU offload's, if any
     for name in ("text_encoder", "text_encoder_2") if keep_vae else ("vae", "text_encoder", "text_encoder_2"):
         module = getattr(pipe, name, None)
         if module is not None:

@@ -21,12 +21,19 @@ from kontext_lora.data.preflight import preflight, write_contact_sheet
 from kontext_lora.data.triples import DataError
 from kontext_lora.export.diffusers_format import WEIGHT_NAME, read_lora_file, save_diffusers_lora
 from kontext_lora.export.formats import read_adapter, write_exports
-from kontext_lora.model.load import load_pipeline
+from kontext_lora.model.load import load_transformer
 from kontext_lora.model.lora import adapter_state, inject_lora, load_adapter_state, lora_parameters
+from kontext_lora.model.quant import quantization_report, quantize_base
 from kontext_lora.model.speed import apply_speed
 from kontext_lora.train import checkpoint
 from kontext_lora.train.ema import EMA_WEIGHT_NAME, AdapterEMA
-from kontext_lora.train.encode import cached_dataset, collate_encoded, release_encoders
+from kontext_lora.train.encode import (
+    cached_dataset,
+    collate_encoded,
+    load_encoders,
+    place_encoders,
+    release_encoders,
+)
 from kontext_lora.train.objective import LatentBatch, flow_matching_loss, sample_sigmas
 from kontext_lora.train.optim import NonFiniteGuard, build_optimizer
 
@@ -108,9 +115,10 @@ def train(cfg: Config) -> Path:
         (out_dir / "config.yaml").write_text(to_yaml(cfg))
         write_contact_sheet(report, out_dir / "preflight.jpg", cfg.data.preflight_samples)
 
-    # Model: fill the disk cache once; afterwards only the transformer is needed on the device.
-    pipe = load_pipeline(cfg.model)
-    pipe.to(accelerator.device)
+    # Model: fill the disk cache with the encoders alone (memory.text_encoder places them), release them, and only
+    # then load the transformer: T5 (9.5 GiB) and the transformer (22.4 GiB in bf16) are never on the device together.
+    pipe = load_encoders(cfg)
+    place_encoders(pipe, cfg.memory.text_encoder, accelerator.device)
     encoded = cached_dataset(cfg, plan, pipe, accelerator, show_progress=main)
     validator = None
     if items is not None:  # encodes the validation prompts now; keeps the VAE for sampling
@@ -118,8 +126,11 @@ def train(cfg: Config) -> Path:
 
         validator = Validator(cfg, pipe, items, accelerator)
     release_encoders(pipe, keep_vae=validator is not None)
-    transformer = pipe.transformer
+    if validator is not None:
+        validator.vae.to(accelerator.device)
     del pipe
+    # A quantized base is moved to the device layer by layer in fit() (quantize_base); a plain one goes there now.
+    transformer = load_transformer(cfg.model, None if cfg.memory.base_quant != "none" else accelerator.device)
     return fit(cfg, transformer, encoded, accelerator, validator=validator)
 
 
@@ -151,8 +162,10 @@ def fit(
     inject_lora(transformer, cfg.lora)
     if cfg.lora.init_from:
         _init_from_file(transformer, cfg)
+    if cfg.memory.base_quant != "none":  # after inject_lora (PEFT sees bf16 weights), before compile
+        quantize_base(transformer, cfg.memory.base_quant, accelerator.device)
     applied = apply_speed(transformer, cfg.speed, cfg.train.gradient_checkpointing, accelerator.device)
-    accelerator.print(f"[kontext-lora] fast path: {applied}")
+    accelerator.print(f"[kontext-lora] fast path: {applied}, base_quant: {quantization_report(transformer)}")
     params = lora_parameters(transformer)
 
     # One bucket per batch, in an order fixed by (train.seed, epoch): batch k of a run is reproducible, and
