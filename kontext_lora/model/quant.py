@@ -27,6 +27,12 @@ NF4_GRANULE = NF4_BLOCK * NF4_SCALER_BLOCK  # a weight's element count must be a
 MODES = ("fp8", "nf4")
 
 
+def _frozen(tensor: torch.Tensor) -> torch.nn.Parameter:
+    """A frozen parameter rather than a buffer: DDP re-broadcasts buffers before every forward (`broadcast_buffers`),
+    which for the quantized weights would send the whole model each step; parameters are synced once."""
+    return torch.nn.Parameter(tensor, requires_grad=False)
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a linear runs in: autocast's when it is on (accelerate's mixed precision), else the input's."""
     if torch.is_autocast_enabled(x.device.type):
@@ -80,8 +86,8 @@ _fp8_linear.register_autograd(_fp8_backward, setup_context=_save_quantized)
 class Float8WeightLinear(torch.nn.Module):
     """A frozen linear with an e4m3 weight and per-output-channel scales; computes in the input / autocast dtype.
 
-    The weight is kept as a uint8 buffer (its float8 bits), so `module.to(dtype)` casts cannot silently turn it back
-    into a wide float.
+    The weight is kept as uint8 (its float8 bits), so `module.to(dtype)` casts cannot silently turn it back into a
+    wide float.
     """
 
     def __init__(self, linear: torch.nn.Linear, device: torch.device | None = None):
@@ -92,8 +98,8 @@ class Float8WeightLinear(torch.nn.Module):
             amax = weight.abs().amax(dim=1).float()  # (out,)
             scale = (amax / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
             qweight = (weight.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        self.register_buffer("qweight", qweight.view(torch.uint8))  # (out, in)
-        self.register_buffer("scale", scale)  # (out,) fp32
+        self.qweight = _frozen(qweight.view(torch.uint8))  # (out, in)
+        self.scale = _frozen(scale)  # (out,) fp32
         bias = linear.bias
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().to(device), requires_grad=False)
 
@@ -201,7 +207,7 @@ class NF4WeightLinear(torch.nn.Module):
         nf4 = to_nf4(linear.weight.detach().to(device).contiguous(), NF4_BLOCK, NF4_SCALER_BLOCK)  # (out, in)
         inner = (nf4.quantized_data, nf4.quantized_scalers, nf4.quantization_factor, nf4.scaler_mean, nf4.nf4)
         for name, tensor in zip(self._PARTS, inner, strict=True):
-            self.register_buffer(name, tensor)
+            setattr(self, name, _frozen(tensor))
         bias = linear.bias
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().to(device), requires_grad=False)
 
