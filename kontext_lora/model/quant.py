@@ -133,7 +133,7 @@ def _nf4_weight(
     """
     block_scales = (scalers.view(factors.shape[0], -1) / factors[:, None]).flatten().to(dtype) + mean.to(dtype)
     lut = lut.to(dtype)
-    codes = torch.stack([lut[(data >> 4).long()], lut[(data & 15).long()]], dim=-1)  # (numel/2, 2): interleaved
+    codes = torch.stack([lut[(data >> 4).int()], lut[(data & 15).int()]], dim=-1)  # (numel/2, 2): interleaved
     return (codes.view(block_scales.shape[0], -1) * block_scales[:, None]).view(shape)
 
 
@@ -266,6 +266,8 @@ def quantize_base(transformer: torch.nn.Module, mode: str, device: torch.device 
         converted += 1
     if device is not None:
         transformer.to(device)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # hand the freed bf16 weights back, so the reserved memory shows the quantized size
     transformer._kontext_base_quant = {"mode": mode, "linears": converted, "kept": kept}
     return converted
 
