@@ -27,6 +27,7 @@ from kontext_lora.model.quant import (
 from kontext_lora.model.tiny import TINY_TRANSFORMER
 
 BASE = ["model.pretrained=unused", "data.datasets=[{path: unused}]", "lora.rank=4", "lora.alpha=4"]
+BACKEND = "aot_eager_decomp_partition"
 BOUNDS = {"fp8": 0.005, "nf4": 0.015}
 TINY_LINEARS = 2 * 14 + 2 * 6  # double blocks: 14 linears each (incl. norm1 / norm1_context); single blocks: 6
 
@@ -137,31 +138,37 @@ def test_backward_saves_no_dequantized_weight_and_trains_only_the_lora(mode: str
     assert all(p.grad is None for n, p in transformer.named_parameters() if not p.requires_grad)
 
 
-def test_compiled_block_saves_no_dequantized_weight(one_thread) -> None:
-    """The min-cut partitioner (what inductor uses) chose to save the dequantized weight when the dequantization was
-    visible to it; the custom ops keep it opaque. `aot_eager_decomp_partition` runs that partitioner without codegen."""
+def test_compiled_blocks_save_no_dequantized_weight(one_thread, mode: str = "fp8") -> None:
+    """The fast path compiles each block (speed.compile=blocks): backward must still keep only quantized weights.
+
+    When the dequantization was plain ops inside a torch.autograd.Function, the min-cut partitioner of AOTAutograd
+    (inductor's, and `aot_eager_decomp_partition`'s, which runs it without code generation) saved the dequantized
+    bf16 weights for backward and this test failed; the custom ops keep the dequantization opaque. nf4 goes through
+    the same mechanism (checked once with inductor by hand: no float weight-shaped tensor saved); only fp8 runs here
+    to keep the suite fast.
+    """
     import torch._dynamo
 
     transformer = _model(torch.bfloat16)
-    quantize_base(transformer, "fp8")
-    block = transformer.single_transformer_blocks[0]
-    generator = torch.Generator().manual_seed(3)
-    args = (torch.randn(1, 32, 128, generator=generator, dtype=torch.bfloat16).requires_grad_(True),
-            torch.randn(1, 8, 128, generator=generator, dtype=torch.bfloat16),
-            torch.randn(1, 128, generator=generator, dtype=torch.bfloat16))  # fmt: skip
-    rope = transformer.pos_embed(torch.zeros(40, 3))
-    eager = block(*args, image_rotary_emb=rope)[1]
-    compiled_block = torch.compile(block, backend="aot_eager_decomp_partition", fullgraph=False)
+    quantize_base(transformer, mode)
+    inputs = _inputs(torch.bfloat16)
+    hidden = inputs.pop("hidden_states").requires_grad_(True)
+    with torch.autocast("cpu", torch.bfloat16):
+        eager = transformer(hidden_states=hidden, **inputs).sample
+    transformer.compile_repeated_blocks(fullgraph=False, dynamic=False, backend=BACKEND)
     saved: list[torch.Tensor] = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out = compiled_block(*args, image_rotary_emb=rope)[1]
-    torch._dynamo.reset()
-    torch.testing.assert_close(out, eager)
-    shapes = {(m.out_features, m.in_features) for m in block.modules() if isinstance(m, QUANTIZED)}
+    hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t)
+    try:
+        with hooks, torch.autocast("cpu", torch.bfloat16):  # as accelerate's mixed precision runs it
+            out = transformer(hidden_states=hidden, **inputs).sample
+        out.float().pow(2).mean().backward()
+    finally:
+        torch._dynamo.reset()
+    assert _relative_error(out, eager) < 1e-2
+    shapes = {(m.out_features, m.in_features) for m in transformer.modules() if isinstance(m, QUANTIZED)}
     shapes |= {shape[::-1] for shape in shapes}
     assert saved and not [t for t in saved if tuple(t.shape) in shapes and t.is_floating_point()]
-    out.float().sum().backward()
-    assert args[0].grad is not None and torch.isfinite(args[0].grad).all()
+    assert hidden.grad is not None and torch.isfinite(hidden.grad).all() and hidden.grad.abs().sum() > 0
 
 
 def test_layers_nf4_cannot_hold_stay_unquantized_and_are_counted() -> None:
