@@ -41,9 +41,10 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 # The dequantizing matmuls are custom ops (opaque to torch.compile) with their own autograd formula. Why not plain
-# ops in an autograd.Function: compiled, AOTAutograd's partitioner sees the cast of the weight and chose to SAVE the
-# dequantized bf16 weight for backward (measured on the tiny model), which undoes the savings; as opaque ops, forward
-# saves only what `_save_quantized` saves and backward dequantizes again. And why not torchao's weight-only fp8
+# ops in an autograd.Function: compiled, AOTAutograd's min-cut partitioner sees the cast of the weight and chose to
+# SAVE the dequantized bf16 weight for backward (tests/model/test_quant.py::test_compiled_blocks_save_no_dequantized_
+# weight failed that way), which undoes the savings; as opaque ops, forward saves only what `_save_quantized` saves
+# and backward dequantizes again. And why not torchao's weight-only fp8
 # (`Float8WeightOnlyConfig`, torchao 0.18): it dequantizes inside its `F.linear` override, above autograd, so backward
 # keeps every layer's dequantized weight alive too (checked with saved_tensors_hooks).
 
