@@ -117,4 +117,4 @@ def test_fsdp2_sharded_lora_trains_and_gathers_like_one_process(tiny_model_dir: 
     difference = max((sharded[key] - reference[key]).abs().max().item() for key in reference)
     print(f"max |FSDP2 2 processes - 1 process with accumulation| over adapter and Adam moments = {difference:.2e}")
     assert difference < ATOL
-    assert min(reference[key].abs().max().item() for key in reference if key.startswith("exp_avg")) > 1e-6
+    assert all(reference[key].abs().max() > 0 for key in reference if key.startswith("exp_avg"))  # gradients flowed
