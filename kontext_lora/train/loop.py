@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -82,7 +82,8 @@ class _Batches:
 
     def skip(self, count: int, show_progress: bool) -> None:
         for _ in tqdm(range(count), desc="fast-forwarding data", unit="batch", disable=not show_progress):
-            next(self)
+            next(self._batches)  # read and dropped, not moved to the device
+            self.consumed += 1
 
 
 def train(cfg: Config) -> Path:
@@ -354,7 +355,9 @@ class _TrainingState:
         checkpoint.write_state(tmp, f"rng_{accelerator.process_index}", checkpoint.rng_state(self.generators))
         save_adapter(step, tmp)
         # Every process gathers the optimizer and EMA tensors (FSDP2 shards them; a collective), main writes them.
-        optimizer_state = _full_tensors(self.optimizer.state_dict())
+        # DeepSpeed's ZeRO optimizer state is partitioned in its own format: not kept (such a run cannot resume).
+        deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        optimizer_state = None if deepspeed else _full_tensors(self.optimizer.state_dict())
         ema_state = _full_tensors(self.ema.state()) if self.ema is not None else None
         if accelerator.is_main_process:
             state = {
@@ -379,16 +382,18 @@ class _TrainingState:
     def load(self, folder: Path) -> int:
         """Restore adapter, optimizer, scheduler, EMA, data position and RNG states; returns the step."""
         accelerator = self.accelerator
-        if accelerator.is_fsdp2:
+        if accelerator.is_fsdp2 or accelerator.distributed_type == DistributedType.DEEPSPEED:
             raise TrainingError(
-                "train.resume: resuming under FSDP is not supported yet (the checkpoint holds whole tensors); "
-                "resume this run with DDP (configs/accelerate/ddp_2gpu.yaml) and the same number of processes"
+                f"train.resume: resuming under {accelerator.distributed_type.value} is not supported yet; continue "
+                f"from the checkpoint's adapter instead: lora.init_from={folder / WEIGHT_NAME}"
             )
         try:
             state = checkpoint.read_state(folder, checkpoint.STATE_NAME)
             rng = checkpoint.read_state(folder, f"rng_{accelerator.process_index}")
         except checkpoint.CheckpointError as exc:
             raise TrainingError(f"train.resume: {exc}") from None
+        if state["optimizer"] is None:
+            raise TrainingError(f"train.resume: {folder} was written under DeepSpeed and has no optimizer state")
         if state["num_processes"] != accelerator.num_processes:
             raise TrainingError(
                 f"train.resume: {folder} was written by {state['num_processes']} processes, this run has "
