@@ -1,7 +1,7 @@
 """Several processes (CPU, gloo) train the adapter one process trains at the same global batch.
 
-2 processes x batch 3 x accumulation 1 against 1 process x batch 3 x accumulation 2, through the real CLI
-(`accelerate launch train.py`) on the example photos: global micro-batch k goes to process k % 2 (ShardedBatches),
+2 processes x batch 3 x accumulation 1 against 1 process x batch 3 x accumulation 2, each a real `train.py` run
+(preflight, cache, fit, saving) on the example photos: global micro-batch k goes to process k % 2 (ShardedBatches),
 its noise and sigmas are seeded by k alone, and DDP's gradient mean is accumulation's mean. Batches of 3 over 8
 triples give 3-batch epochs (3, 3, 2 samples), so steps span epochs and ranks see different batch sizes.
 A 2-process run resumed from its step-4 checkpoint ends with the same adapter, bit for bit.
