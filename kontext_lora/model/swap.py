@@ -20,6 +20,8 @@ checkpoint-aware backward schedule); none keeps LoRA parameters on the device wh
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -27,24 +29,59 @@ _SWAP_ATTR = "_kontext_swap"
 
 
 class _Storage:
-    """One device storage of a swapped block and its CPU copy (pinned where the device is CUDA)."""
+    """One device storage of a swapped block and its CPU copy (`host`: a slice of the block's pinned buffer)."""
 
-    def __init__(self, storage: torch.UntypedStorage, device: torch.device):
+    def __init__(self, storage: torch.UntypedStorage, host: torch.Tensor):
+        if not storage.resizable():
+            raise ValueError("memory.block_swap needs resizable weight storage (not memory-mapped weights)")
         self.storage = storage
         self.nbytes = storage.nbytes()
-        source = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, 0, (self.nbytes,))
-        self.host = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
-        self.host.copy_(source)
+        self.host = host
+        self.host.copy_(self._bytes())
         self.storage.resize_(0)
 
-    def load(self, device: torch.device) -> None:
-        """Allocate on the current stream and copy the CPU bytes in (on the current stream too)."""
+    def _bytes(self) -> torch.Tensor:
+        """The storage as a uint8 tensor (no copy)."""
+        return torch.empty(0, dtype=torch.uint8, device=self.storage.device).set_(self.storage, 0, (self.nbytes,))
+
+    def allocate(self) -> None:
+        """Give the storage its memory back (on the current stream for CUDA), contents undefined."""
         self.storage.resize_(self.nbytes)
-        target = torch.empty(0, dtype=torch.uint8, device=device).set_(self.storage, 0, (self.nbytes,))
-        target.copy_(self.host, non_blocking=True)
+
+    def copy_in(self) -> None:
+        """Copy the CPU bytes in, asynchronously from pinned memory, on the current stream."""
+        self._bytes().copy_(self.host, non_blocking=True)
 
     def free(self) -> None:
         self.storage.resize_(0)
+
+
+def _host_buffer(nbytes: int, device: torch.device, registered: list[int]) -> torch.Tensor:
+    """CPU bytes for one block's weights; page-locked where the device is CUDA (asynchronous copies).
+
+    Not `pin_memory()`: PyTorch's caching host allocator rounds each allocation up to a power of two, up to twice
+    the RAM for 22 GiB of weights; registering a plain allocation (as torch.cuda._pin_memory_utils does) pins its
+    exact size (its address is added to `registered`). Falls back to pin_memory() if registration fails.
+    """
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    if device.type != "cuda" or nbytes == 0:
+        return buffer
+    try:
+        ok = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), nbytes, 1)) == 0  # Portable
+    except (AttributeError, RuntimeError, TypeError):
+        ok = False
+    if ok and buffer.is_pinned():
+        registered.append(buffer.data_ptr())
+        return buffer
+    if ok:
+        _unregister([buffer.data_ptr()])
+    return buffer.pin_memory()
+
+
+def _unregister(pointers: list[int]) -> None:
+    """Unpin registered host memory (before it is freed: the swap that owns it is being collected)."""
+    for pointer in pointers:
+        torch.cuda.cudart().cudaHostUnregister(pointer)
 
 
 def _plain_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
@@ -115,22 +152,19 @@ class _BlockSwap:
         """Start copying block `index`'s weights to the device (no-op if there or on the way)."""
         if index is None or index in self.ready:
             return
+        storages = self.storages[index]
+        for storage in storages:  # on the compute stream: the memory is the compute stream's, no record_stream
+            storage.allocate()
         if self.copy_stream is None:
-            for storage in self.storages[index]:
-                storage.load(self.device)
+            for storage in storages:
+                storage.copy_in()
             self.ready[index] = None
             return
-        compute = torch.cuda.current_stream(self.device)
-        for storage in self.storages[index]:  # allocated on the compute stream: no record_stream needed
-            storage.storage.resize_(storage.nbytes)
-        # The new memory may be what compute-stream work still queued was using: copy only after it.
-        self.copy_stream.wait_stream(compute)
+        # The new memory may be what compute-stream work still queued was using: copy only after that work.
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.copy_stream):
-            for storage in self.storages[index]:
-                target = torch.empty(0, dtype=torch.uint8, device=self.device).set_(
-                    storage.storage, 0, (storage.nbytes,)
-                )
-                target.copy_(storage.host, non_blocking=True)
+            for storage in storages:
+                storage.copy_in()
             event = torch.cuda.Event()
             event.record(self.copy_stream)
         self.ready[index] = event
@@ -219,6 +253,8 @@ def enable_block_swap(transformer: torch.nn.Module, count: int, device: torch.de
     """
     if count <= 0:
         return []
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     if getattr(transformer, _SWAP_ATTR, None) is not None:
         raise ValueError("block swap is already enabled on this transformer")
     if (
@@ -242,16 +278,24 @@ def enable_block_swap(transformer: torch.nn.Module, count: int, device: torch.de
         for tensor in _frozen_plain(block):
             owners.setdefault(tensor.untyped_storage().data_ptr(), set()).add(index)
     swap = _BlockSwap(chosen, device)
+    registered: list[int] = []
     for index, block in chosen.items():
-        seen: dict[int, _Storage] = {}
+        own: dict[int, torch.UntypedStorage] = {}
         for tensor in _frozen_plain(block):
             storage = tensor.untyped_storage()
-            key = storage.data_ptr()
-            if key not in seen and owners[key] == {index} and storage.nbytes() > 0:
-                seen[key] = _Storage(storage, device)
-        swap.storages[index] = list(seen.values())
+            if owners[storage.data_ptr()] == {index} and storage.nbytes() > 0:
+                own.setdefault(storage.data_ptr(), storage)
+        sizes = [storage.nbytes() for storage in own.values()]
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        host = _host_buffer(sum(sizes), device, registered)
+        swap.storages[index] = [
+            _Storage(storage, host[offset : offset + size])
+            for storage, offset, size in zip(own.values(), offsets, sizes, strict=True)
+        ]
         setattr(block, _SWAP_ATTR, (swap, index))
         block.__class__ = _swapped_class(type(block))
+    if registered:  # runs before the swap's host buffers are freed
+        weakref.finalize(swap, _unregister, registered)
     transformer._kontext_swap = swap
     transformer._kontext_swap_hook = transformer.register_forward_pre_hook(
         lambda module, args: swap.prefetch(swap.order[0])
@@ -287,6 +331,9 @@ def _to_device_tensors(block: torch.nn.Module, device: torch.device) -> None:
                         "before swapping (load the transformer to the device first)"
                     )
                 param.data = param.data.to(device)
+            if param is not None and not param.requires_grad and type(param.data) is torch.Tensor:
+                if not param.data.untyped_storage().resizable():  # e.g. memory-mapped: give it its own memory
+                    param.data = param.data.clone()
         for name, buffer in list(module._buffers.items()):
-            if buffer is not None and buffer.device != device:
-                module._buffers[name] = buffer.to(device)
+            if buffer is not None and (buffer.device != device or not buffer.untyped_storage().resizable()):
+                module._buffers[name] = buffer.to(device).clone()
