@@ -187,3 +187,28 @@ def test_an_unswappable_weight_type_is_refused_in_one_line() -> None:
     message = "memory.block_swap cannot swap a _Opaque weight (no __tensor_flatten__); use memory.block_swap=0"
     with pytest.raises(ValueError, match=re.escape(message)):
         enable_block_swap(transformer, 4, CPU)
+
+
+def _nf4_model(swap: int):
+    """The tiny model with every single block's proj_mlp base weight stored as torchao NF4 (a tensor subclass)."""
+    nf4_tensor = pytest.importorskip("torchao.quantization.quantize_.workflows.nf4.nf4_tensor")
+    transformer, cfg, _ = _model([], 0)
+    for block in transformer.single_transformer_blocks:
+        linear = block.proj_mlp.base_layer
+        linear.weight = torch.nn.Parameter(nf4_tensor.to_nf4(linear.weight.data, 64, 256), requires_grad=False)
+    applied = apply_speed(transformer, cfg.speed, cfg.train.gradient_checkpointing, CPU, block_swap=swap)
+    return transformer, cfg, applied
+
+
+def test_nf4_weights_swap_through_their_inner_tensors() -> None:
+    results = []
+    for swap in (0, 4):
+        transformer, cfg, _ = _nf4_model(swap)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = training_step(transformer, _batch(), cfg, torch.Generator().manual_seed(3))
+        loss.backward()
+        results.append((loss.item(), torch.cat([p.grad.flatten() for p in lora_parameters(transformer)])))
+    assert results[1][0] == results[0][0] and torch.equal(results[1][1], results[0][1])
+    weight = transformer.single_transformer_blocks[1].proj_mlp.base_layer.weight
+    assert type(weight).__name__ == "NF4Tensor"
+    assert weight.quantized_data.untyped_storage().nbytes() == 0 and weight.nf4.untyped_storage().nbytes() == 0
