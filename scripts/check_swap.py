@@ -27,13 +27,15 @@ from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]  # this checkout's kontext_lora and bench_step, however launched
+
 # Eager, flash attention, every block checkpointed: the same compute whatever N (swapped blocks are checkpointed).
 OVERRIDES = ["speed.attention_backend=flash", "speed.compile=none", "train.gradient_checkpointing=true"]
 
 
 def run_child(args: argparse.Namespace) -> None:
     """One config: build, swap, train `steps[i]` steps at each `res[i]`; print one `RESULT {json}` line."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_step import build_transformer, make_batch, ours_step_fn
 
     from kontext_lora.model.swap import swapped_bytes
@@ -70,8 +72,10 @@ def run_child(args: argparse.Namespace) -> None:
 
 def print_table(rows: list[dict]) -> None:
     base = next((r for r in rows if r.get("swap") == 0 and "error" not in r), None)
-    print("\n| res | block_swap | swapped GiB | s/step | peak GiB | max abs loss diff vs swap 0 (steps) | at step 1 |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "\n| res | block_swap | swapped GiB | resident GiB | s/step | peak GiB | max loss diff vs 0 (steps) | step 1 |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         if "error" in row:
             print(f"| | {row['label']} | failed: {row['error']} |")
@@ -82,7 +86,8 @@ def print_table(rows: list[dict]) -> None:
                 ours, theirs = per_res["losses"], base["per_res"][index]["losses"]
                 deltas = [abs(a - b) for a, b in zip(ours, theirs, strict=True)]
                 diffs = [f"{max(deltas):.2e} ({len(deltas)})", f"{deltas[0]:.2e}"]
-            print(f"| {per_res['res']} | {row['label']} | {row['swapped_gib']:.2f} | {per_res['s_per_step']:.3f} | "
+            print(f"| {per_res['res']} | {row['label']} | {row['swapped_gib']:.2f} | {row['resident_gib']:.2f} | "
+                f"{per_res['s_per_step']:.3f} | "
                   f"{per_res['peak_gib']:.2f} | {diffs[0]} | {diffs[1]} |")  # fmt: skip
 
 
@@ -92,7 +97,7 @@ def main() -> None:
     parser.add_argument("--res", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 4], help="steps at each --res")
     parser.add_argument("--compile", action="store_true", help="speed.compile=blocks instead of eager")
-    parser.add_argument("--timeout", type=int, default=150, help="seconds per config")
+    parser.add_argument("--timeout", type=int, default=120, help="seconds per config")
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU: checks the script, times nothing real")
     parser.add_argument("--out", type=Path, default=Path("check_swap.json"))
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
