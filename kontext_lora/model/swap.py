@@ -192,12 +192,14 @@ class _BlockSwap:
                 return run(*args, **kwargs)
             finally:
                 self.free(index)
-        # Route every floating tensor argument through _Enter (so its backward marks the end of the block's).
-        positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()]
-        entered = _Enter.apply(self, index, self.anchor, *(args[i] for i in positions))
-        args = list(args)
-        for position, tensor in zip(positions, entered, strict=True):
-            args[position] = tensor
+        # Route every floating tensor argument through _Enter (so its backward marks the end of the block's):
+        # positional when diffusers' checkpointing hook calls the block, keywords when it calls it directly.
+        args, kwargs = list(args), dict(kwargs)
+        slots = [(args, i) for i in range(len(args))] + [(kwargs, key) for key in kwargs]
+        slots = [(box, k) for box, k in slots if isinstance(box[k], torch.Tensor) and box[k].is_floating_point()]
+        entered = _Enter.apply(self, index, self.anchor, *(box[k] for box, k in slots))
+        for (box, k), tensor in zip(slots, entered, strict=True):
+            box[k] = tensor
         try:
             outputs = checkpoint(run, *args, use_reentrant=False, **kwargs)
         finally:

@@ -212,3 +212,17 @@ def test_nf4_weights_swap_through_their_inner_tensors() -> None:
     weight = transformer.single_transformer_blocks[1].proj_mlp.base_layer.weight
     assert type(weight).__name__ == "NF4Tensor"
     assert weight.quantized_data.untyped_storage().nbytes() == 0 and weight.nf4.untyped_storage().nbytes() == 0
+
+
+def test_enable_block_swap_alone_frees_after_backward_with_keyword_calls(baseline) -> None:
+    """The plain entry point (no apply_speed, so diffusers calls the blocks with keywords, no checkpointing hook):
+    same numbers, and the swapped weights are gone right after backward."""
+    transformer, cfg, _ = _model(["train.gradient_checkpointing=false"], 0)
+    assert enable_block_swap(transformer, 2, CPU) == [1, 3]
+    assert not transformer.gradient_checkpointing
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = training_step(transformer, _batch(), cfg, torch.Generator().manual_seed(3))
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in lora_parameters(transformer)])
+    assert loss.item() == baseline[0][0] and torch.equal(grads, baseline[0][1])
+    assert [_frozen_bytes(b) == 0 for b in transformer_blocks(transformer)] == [False, True, False, True]
