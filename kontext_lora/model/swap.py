@@ -13,9 +13,9 @@ When a block's weights are on the device:
   go when the gradient of its inputs is done; meanwhile the previous swapped block is copied.
 So at most two swapped blocks are on the device at a time.
 
-Why by hand: accelerate's `cpu_offload` / diffusers' group offloading move whole modules with `.to()` in hooks
-inside the module call, which torch.compile'd blocks would trace, and they offload for inference only (no
-checkpoint-aware backward schedule); none keeps LoRA parameters on the device while swapping the frozen rest.
+Why by hand: diffusers' group offloading and accelerate's `cpu_offload` are built for inference: they move every
+parameter of a module (the LoRA's too) in hooks on the module's forward, which torch.compile'd blocks would trace,
+and have no backward schedule (a block's weights are needed again in backward, in reverse order).
 """
 
 from __future__ import annotations
