@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -125,6 +126,18 @@ def launch_command(mode: str, gpus: int, args: argparse.Namespace) -> list[str]:
             str(gpus), "--main_process_port", str(_free_port()), *child]  # fmt: skip
 
 
+def run_with_timeout(command: list[str], timeout: float, env: dict) -> str:
+    """Run `command` in its own process group and return its output; on timeout the whole group is killed (a launcher's
+    workers too, so no orphan keeps holding a GPU for the next configuration)."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
+                            start_new_session=True)  # fmt: skip
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return proc.communicate()[0] + f"\nTIMEOUT after {timeout} s"
+
+
 def plan(args: argparse.Namespace) -> list[tuple[str, int]]:
     """(mode, GPUs) to run: one 1-GPU baseline, then every mode on every larger GPU count."""
     runs = [("single", 1)] if 1 in args.gpus else []
@@ -144,13 +157,14 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["ddp", "fsdp"], choices=sorted(ACCELERATE_CONFIGS))
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--timeout", type=int, default=150, help="seconds per configuration")
+    parser.add_argument("--timeout", type=int, help="seconds per configuration (default 150; 400 with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU (gloo): checks the script")
     parser.add_argument("--out", type=Path, default=Path("bench_multigpu.json"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return run_child(args)
+    args.timeout = args.timeout or (400 if args.tiny else 150)
 
     env = {**os.environ, **NO_MULTICAST, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     if args.tiny:
@@ -162,12 +176,7 @@ def main() -> None:
         command = launch_command(mode, gpus, args)
         print(f"== {mode} on {gpus}: {' '.join(command)}", flush=True)
         started = time.perf_counter()
-        try:
-            proc = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=env, cwd=REPO)
-            output = proc.stdout + proc.stderr
-        except subprocess.TimeoutExpired as exc:
-            output = f"{exc.stdout or ''}{exc.stderr or ''}\nTIMEOUT after {args.timeout} s"
-            output = output if isinstance(output, str) else output.decode(errors="replace")
+        output = run_with_timeout(command, args.timeout, env)
         results = [line for line in output.splitlines() if line.startswith("RESULT ")]
         if results:
             row = json.loads(results[-1][len("RESULT ") :])
