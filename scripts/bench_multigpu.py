@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-ACCELERATE_CONFIGS = {"ddp": "ddp_2gpu.yaml", "fsdp": "fsdp2_2gpu.yaml"}
+ACCELERATE_CONFIGS = {"ddp": "ddp_2gpu.yaml", "fsdp": "fsdp2_2gpu.yaml", "deepspeed": "deepspeed_zero2_2gpu.yaml"}
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 OVERRIDES = ["speed.attention_backend=cudnn", "speed.compile=none"]
 
@@ -44,7 +44,7 @@ def run_child(args: argparse.Namespace) -> None:
     from kontext_lora.config import load_config
     from kontext_lora.model.lora import inject_lora, lora_parameters
     from kontext_lora.model.speed import apply_speed
-    from kontext_lora.train.loop import micro_batch_seed, training_step
+    from kontext_lora.train.loop import _deepspeed_batch_size, micro_batch_seed, training_step
     from kontext_lora.train.optim import build_optimizer
     from scripts.bench_step import RANK, build_transformer, make_batch, randomize_lora_b
 
@@ -61,6 +61,7 @@ def run_child(args: argparse.Namespace) -> None:
     randomize_lora_b(transformer)
     applied = apply_speed(transformer, cfg.speed, cfg.train.gradient_checkpointing, device)
     optimizer = build_optimizer(lora_parameters(transformer), cfg)
+    _deepspeed_batch_size(accelerator, cfg)  # as fit() does: DeepSpeed reads it from a loader we don't prepare
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
     params = lora_parameters(accelerator.unwrap_model(transformer))
     accelerator.print(f"[{args.child}] {accelerator.distributed_type}, {accelerator.num_processes} process(es), "
@@ -143,8 +144,8 @@ def plan(args: argparse.Namespace) -> list[tuple[str, int]]:
     runs = [("single", 1)] if 1 in args.gpus else []
     for gpus in sorted(g for g in args.gpus if g > 1):
         for mode in args.modes:
-            if args.tiny and mode == "fsdp":
-                print("fsdp: skipped with --tiny (accelerate turns FSDP on only for GPU processes)", flush=True)
+            if args.tiny and mode in ("fsdp", "deepspeed"):
+                print(f"{mode}: skipped with --tiny (accelerate turns it on only for GPU processes)", flush=True)
                 continue
             runs.append((mode, gpus))
     return runs
