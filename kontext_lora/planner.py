@@ -383,9 +383,9 @@ def candidate_knobs(cfg: Config, blocks: int) -> list[Knobs]:
     ]
 
 
-def candidates(cfg: Config, budget_gib: float) -> list[Prediction]:
+def candidates(cfg: Config, budget_gib: float, count: ModelCount | None = None) -> list[Prediction]:
     """A prediction per candidate knob set, each with the fewest swapped blocks that fit `budget_gib` (or all)."""
-    count, calib = count_model(cfg), load_calibration()
+    count, calib = count or count_model(cfg), load_calibration()
     n = len(count.blocks)
     out = []
     for knobs in candidate_knobs(cfg, n):
@@ -417,9 +417,9 @@ def choose(preds: list[Prediction], budget_gib: float, exact_within: float = 1.2
     return fastest
 
 
-def plan(cfg: Config, budget_gib: float) -> tuple[Config, Prediction]:
+def plan(cfg: Config, budget_gib: float, count: ModelCount | None = None) -> tuple[Config, Prediction]:
     """The cheapest knob set that fits `budget_gib`: (cfg with it applied, its prediction); ConfigError if none fits."""
-    chosen = choose(candidates(cfg, budget_gib), budget_gib)
+    chosen = choose(candidates(cfg, budget_gib, count), budget_gib)
     return chosen.knobs.apply(cfg), chosen
 
 
