@@ -3,6 +3,7 @@ the `plan` command and memory.budget_gib applied by training."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,30 @@ def test_budget_applies_the_plan_and_the_run_records_it(tiny_model_dir: Path, tm
     assert written["train"]["gradient_checkpointing"] == pred.knobs.gradient_checkpointing
     assert written["speed"]["checkpoint_fraction"] == pred.knobs.checkpoint_fraction
     assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_refit_from_bench_output_moves_the_constants_to_the_new_measurements(tmp_path: Path, capsys) -> None:
+    from kontext_lora.planner import accuracy_rows, fit, load_calibration, main, points_from_bench
+
+    calib = load_calibration()
+    measured = [p for p in calib["points"] if p.get("peak_gib") and p.get("s_per_step")]
+    # A bench_memory.py output whose card used 10% more memory and 20% more time than the calibration's points.
+    rows = [{"name": p["name"], "status": "ok", "tiny": False, "overrides": p["overrides"],
+             "peak_gib": p["peak_gib"] * 1.1, "s_per_step": p["s_per_step"] * 1.2} for p in measured]  # fmt: skip
+    rows.append({"name": "oom", "status": "OOM", "tiny": False, "overrides": measured[0]["overrides"]})
+    bench = tmp_path / "memory-test.json"
+    bench.write_text(json.dumps({"card": "test card", "h2d_gbps": 31.5, "rows": rows}))
+    points = [p for p in points_from_bench([str(bench)]) if "overrides" in p]
+    assert len(points) == len(measured)  # the OOM row is not a measurement
+    refitted = fit(points, calib)
+
+    def mean_error(constants: dict) -> tuple[float, float]:
+        table = accuracy_rows(points, constants)
+        peak = sum(abs(pp - p) / p for _, _, p, pp, _, _ in table) / len(table)
+        return peak, sum(abs(pt - t) / t for _, _, _, _, t, pt in table) / len(table)
+
+    before, after = mean_error(calib), mean_error(refitted)
+    assert before[0] > 0.05 and before[1] > 0.1 and after[0] < 0.03 and after[1] < 0.05, (before, after)
+    assert main(["--fit", str(bench)]) == 0  # the command prints both tables and does not write without --write
+    out = capsys.readouterr().out
+    assert "refitted on" in out and "not written" in out and load_calibration() == calib
