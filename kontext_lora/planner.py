@@ -75,8 +75,14 @@ class ModelCount:
 
 
 def transformer_config(cfg: Config) -> dict:
-    """The transformer's shape: <model.pretrained>/transformer/config.json when present, else FLUX.1's."""
-    path = Path(cfg.model.pretrained) / "transformer" / "config.json"
+    """The transformer's shape: <model.pretrained>/transformer/config.json when present, the tiny model's when
+    training will build it there (model.build_tiny_if_missing), else FLUX.1's."""
+    folder = Path(cfg.model.pretrained)
+    path = folder / "transformer" / "config.json"
+    if not folder.exists() and cfg.model.build_tiny_if_missing:  # training will build the tiny model there
+        from kontext_lora.model.tiny import TINY_TRANSFORMER
+
+        return dict(TINY_TRANSFORMER)
     if path.is_file():
         try:
             data = json.loads(path.read_text())
@@ -327,10 +333,12 @@ def features(
         tim[f"dequant_{knobs.base_quant}"] = quantized * passes / 1e9
     # Swap: each swapped block's weights cross twice a step (forward, backward); prefetching hides a transfer behind
     # the previous block's compute, so only what exceeds a block's compute time shows, plus a fixed cost per transfer
-    # (stream syncs, copy launches: calib swap_block_s).
+    # (stream syncs, copy launches: the fitted constant swap_transfer).
     gbps = calib["swap_h2d_gbps"]["value"]
     known["swap_transfer_bytes"] = sum(per_block[i] for i in swapped)
     known["swap_gbps"] = gbps
+    if swapped:
+        tim["swap_transfer"] = 2.0 * len(swapped)
     return mem, tim, known
 
 
@@ -349,13 +357,13 @@ def predict(
     memory["overhead"] = mem["overhead"] * constants["overhead"]
     memory["activations"] = sum(v * constants.get(k, 0.0) for k, v in mem.items() if k != "overhead")
     time = {k: v * constants.get(k, 0.0) for k, v in tim.items()}  # budget_cost:1.0 is 0 by definition
-    compute = sum(time.values())
+    compute = sum(v for k, v in time.items() if k != "swap_transfer")
     n = len(count.blocks)
     swapped = len(swapped_blocks(n, knobs.block_swap))
     if swapped:
         per_block_transfer = known["swap_transfer_bytes"] / swapped / (known["swap_gbps"] * 1e9)
         exposed = max(0.0, per_block_transfer - compute / n / 2)
-        time["swap"] = 2 * swapped * (exposed + calib["swap_block_s"]["value"])
+        time["swap"] = 2 * swapped * exposed
     return Prediction(
         knobs=knobs,
         peak_gib=sum(memory.values()) / GIB,
@@ -434,17 +442,20 @@ def apply_budget(cfg: Config, log=print) -> Config:
     return planned
 
 
-def plan_table(preds: list[Prediction], budget_gib: float, limit: int = 20) -> str:
-    """A markdown table of the candidates: knobs, predicted peak and s/step, whether each fits."""
+def plan_table(preds: list[Prediction], budget_gib: float, limit: int = 20, chosen: Prediction | None = None) -> str:
+    """A markdown table of the candidates (the first `limit`, and `chosen` marked wherever it is): knobs, predicted
+    peak and s/step, whether each fits."""
     lines = ["| quant | swap | checkpointing | compile | peak GiB | s/step | fits |", "|---|---|---|---|---|---|---|"]
-    for p in preds[:limit]:
+    shown = preds[:limit] + ([chosen] if chosen is not None and chosen not in preds[:limit] else [])
+    for p in shown:
         k = p.knobs
         ckpt = f"{k.checkpoint_fraction:g}" if k.gradient_checkpointing else "off"
         compiled = f"{k.compile} (budget {k.activation_budget:g})" if k.compile != "none" else "none"
+        fits = ("yes" if p.fits(budget_gib) else "no") + (" (chosen)" if p is chosen else "")
         lines.append(f"| {k.base_quant} | {k.block_swap} | {ckpt} | {compiled} | {p.peak_gib:.1f} | "
-                     f"{p.s_per_step:.3f} | {'yes' if p.fits(budget_gib) else 'no'} |")  # fmt: skip
-    if len(preds) > limit:
-        lines.append(f"({len(preds) - limit} more candidates not shown)")
+                     f"{p.s_per_step:.3f} | {fits} |")  # fmt: skip
+    if len(preds) > len(shown):
+        lines.append(f"({len(preds) - len(shown)} more candidates not shown: --show N)")
     return "\n".join(lines)
 
 

@@ -95,7 +95,8 @@ def test_plan_command_prints_the_candidates_and_the_overrides(tmp_path: Path, ca
     assert main(["plan", "--config", str(config), "--vram", "24", "lora.rank=16"]) == 0
     out = capsys.readouterr().out
     assert "| quant | swap | checkpointing | compile | peak GiB | s/step | fits |" in out
-    assert out.count("| yes |") == 20 and "40 more candidates not shown" in out
+    shown = out.count("| yes |") + out.count("| no |")
+    assert out.count("| yes (chosen) |") == 1 and f"{60 - shown - 1} more candidates not shown" in out
     assert "chosen:" in out and "memory.base_quant=" in out and "memory.block_swap=" in out
     assert main(["plan", "--config", str(config), "--vram", "12", "--show", "60", "data.resolution=512"]) == 0
     out = capsys.readouterr().out
