@@ -177,6 +177,10 @@ def run_child(args: argparse.Namespace) -> None:
             result["peak_gib"] = torch.cuda.max_memory_allocated(device) / GIB
     except ImportError as exc:  # quant / swap modules not merged yet
         result.update(status="error", error=f"ImportError: {exc}")
+    except RuntimeError as exc:  # an OOM raised inside a compiled graph can arrive wrapped
+        if "out of memory" not in str(exc).lower():
+            raise
+        result.update(status="OOM", error=str(exc).splitlines()[0][:200])
     print("RESULT " + json.dumps(result), flush=True)
 
 
