@@ -95,7 +95,12 @@ def transformer_config(cfg: Config) -> dict:
 def count_model(cfg: Config, shape: dict | None = None) -> ModelCount:
     """Count the frozen and adapter elements of `cfg`'s transformer with its LoRA (meta device: no memory, ~1 s)."""
     shape = shape if shape is not None else transformer_config(cfg)
-    lora = json.dumps(dataclasses.asdict(cfg.lora), sort_keys=True)
+    # PiSSA / OLoRA (an SVD / QR of meta weights is impossible) give the default init's shapes; init_from is loaded
+    # into the injected adapter later.
+    lora_cfg = dataclasses.replace(cfg.lora, init_from="")
+    if lora_cfg.init_lora_weights in ("pissa", "olora"):
+        lora_cfg.init_lora_weights = "default"
+    lora = json.dumps(dataclasses.asdict(lora_cfg), sort_keys=True)
     return _count(json.dumps(shape, sort_keys=True), lora)
 
 
@@ -149,10 +154,13 @@ def _count(shape_json: str, lora_json: str) -> ModelCount:
 
 
 def tokens_per_sample(cfg: Config) -> tuple[int, int, int]:
-    """(target, control, text) tokens of one sample at data.resolution: (res/16)^2 per image, one control per
-    control key of the first dataset (each the target's size), model.max_sequence_length text tokens."""
-    image = (cfg.data.resolution // 16) ** 2
-    controls = len(cfg.data.datasets[0].control_keys) if cfg.data.datasets else 1
+    """(target, control, text) tokens of the largest sample: (res/16)^2 per image at the largest resolution of the
+    datasets (data.resolution, or a dataset's own), a control per control key (each the target's size), and
+    model.max_sequence_length text tokens."""
+    datasets = cfg.data.datasets
+    resolution = max([ds.resolution or cfg.data.resolution for ds in datasets] or [cfg.data.resolution])
+    image = (resolution // 16) ** 2
+    controls = max([len(ds.control_keys) for ds in datasets] or [1])
     return image, image * controls, cfg.model.max_sequence_length
 
 
@@ -317,6 +325,8 @@ def features(
         count.lora_factored * 4 if optimizer == "adafactor" else count.lora_elements * OPTIMIZER_STATE_BYTES[optimizer]
     )
     known["lora"] = count.lora_elements * 8  # fp32 params + fp32 grads
+    if cfg.lora.init_lora_weights in ("pissa", "olora"):  # the initial adapter is kept to save a plain LoRA
+        known["lora"] += count.lora_elements * 4
     known["optimizer"] = states
 
     flops = step_tflops(count, target + control, text, batch)
