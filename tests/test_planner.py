@@ -146,7 +146,8 @@ def test_refit_from_bench_output_moves_the_constants_to_the_new_measurements(tmp
         return peak, sum(abs(pt - t) / t for _, _, _, _, t, pt in table) / len(table)
 
     before, after = mean_error(calib), mean_error(refitted)
-    assert before[0] > 0.05 and before[1] > 0.1 and after[0] < 0.03 and after[1] < 0.05, (before, after)
+    assert before[0] > 0.05 and before[1] > 0.1, before  # the shift is visible before the refit ...
+    assert after[0] < before[0] / 4 and after[1] < before[1] / 2, (before, after)  # ... and mostly gone after
     assert main(["--fit", str(bench)]) == 0  # the command prints both tables and does not write without --write
     out = capsys.readouterr().out
     assert "refitted on" in out and "not written" in out and load_calibration() == calib
