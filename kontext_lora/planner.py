@@ -254,8 +254,10 @@ def spread_blocks(count: int, fraction: float) -> set[int]:
 
 
 def swapped_blocks(count: int, swap: int) -> set[int]:
-    """Indices of the swapped blocks: the last `swap` in execution order (single blocks first, as musubi-tuner)."""
-    return set(range(count - min(swap, count), count))
+    """Indices of the swapped blocks, spread over the depth as kontext_lora.model.swap chooses them."""
+    from kontext_lora.model.swap import swapped_block_indices
+
+    return set(swapped_block_indices(swap, count))
 
 
 def _interp(keys: list[str], x: float) -> list[tuple[str, float]]:
@@ -342,7 +344,7 @@ def features(
         passes = 2 + len(ckpt) / n
         tim[f"dequant_{knobs.base_quant}"] = quantized * passes / 1e9
     # Swap: each swapped block's weights cross twice a step (forward, backward); prefetching hides a transfer behind
-    # the previous block's compute, so only what exceeds a block's compute time shows, plus a fixed cost per transfer
+    # the compute since the previous swapped block, so only what exceeds that shows, plus a fixed cost per transfer
     # (stream syncs, copy launches: the fitted constant swap_transfer).
     gbps = calib["swap_h2d_gbps"]["value"]
     known["swap_transfer_bytes"] = sum(per_block[i] for i in swapped)
@@ -372,7 +374,8 @@ def predict(
     swapped = len(swapped_blocks(n, knobs.block_swap))
     if swapped:
         per_block_transfer = known["swap_transfer_bytes"] / swapped / (known["swap_gbps"] * 1e9)
-        exposed = max(0.0, per_block_transfer - compute / n / 2)
+        # A copy travels while the resident blocks up to the next swapped one compute (n / swapped of them).
+        exposed = max(0.0, per_block_transfer - compute / swapped / 2)
         time["swap"] = 2 * swapped * exposed
     return Prediction(
         knobs=knobs,

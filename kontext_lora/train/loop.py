@@ -154,7 +154,8 @@ def fit(
     inject_lora(transformer, cfg.lora)
     if cfg.lora.init_from:
         _init_from_file(transformer, cfg)
-    applied = apply_speed(transformer, cfg.speed, cfg.train.gradient_checkpointing, accelerator.device)
+    applied = apply_speed(transformer, cfg.speed, cfg.train.gradient_checkpointing, accelerator.device,
+                          block_swap=cfg.memory.block_swap)  # fmt: skip
     accelerator.print(f"[kontext-lora] fast path: {applied}")
     params = lora_parameters(transformer)
 
