@@ -25,6 +25,7 @@ from kontext_lora.export.formats import read_adapter, write_exports
 from kontext_lora.model.load import load_pipeline
 from kontext_lora.model.lora import adapter_state, inject_lora, load_adapter_state, lora_parameters
 from kontext_lora.model.speed import apply_speed
+from kontext_lora.planner import apply_budget
 from kontext_lora.train import checkpoint
 from kontext_lora.train.ema import EMA_WEIGHT_NAME, AdapterEMA
 from kontext_lora.train.encode import cached_dataset, collate_encoded, release_encoders
@@ -88,6 +89,7 @@ class _Batches:
 
 def train(cfg: Config) -> Path:
     """Run a whole training job from the config; returns the path of the final adapter."""
+    cfg = apply_budget(cfg)  # memory.budget_gib > 0: the planner's knobs, recorded in the run's config.yaml
     accelerator = _accelerator(cfg)
     set_seed(cfg.train.seed)
 
@@ -160,6 +162,7 @@ def fit(
     Validation (validation.every) needs a `validator` (see train()) or the FluxKontextPipeline whose transformer
     this is (`pipeline`: its VAE, scheduler and text encoders build one on validation.examples / heldout_path).
     """
+    cfg = apply_budget(cfg, print if accelerator is None or accelerator.is_main_process else lambda _: None)
     accelerator = accelerator or _accelerator(cfg)
     out_dir = Path(cfg.output.dir)
     # The adapter's initial weights depend on train.seed alone, not on how many random numbers loading and
