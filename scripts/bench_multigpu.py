@@ -185,7 +185,11 @@ def main() -> None:
             error = [line for line in output.splitlines() if line.strip()][-3:]
             row = {"mode": mode, "gpus": gpus, "res": args.res, "error": " | ".join(error)[-300:]}
         row["wall_s"] = time.perf_counter() - started
-        print(output[-3000:] if "error" in row else "\n".join(output.splitlines()[-3:]), flush=True)
+        if "error" in row:  # the launcher's own traceback comes last: show the workers' error lines too
+            causes = [line for line in output.splitlines() if "Error" in line and "ChildFailedError" not in line]
+            row["error"] = " | ".join(dict.fromkeys(causes))[-600:] or row["error"]
+            print("\n".join(list(dict.fromkeys(causes))[:30]), flush=True)
+        print(output[-1500:] if "error" in row else "\n".join(output.splitlines()[-3:]), flush=True)
         rows.append(row)
         args.out.write_text(json.dumps({"card": card, "rows": rows}, indent=1))
     print_table(rows, card)

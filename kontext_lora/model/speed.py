@@ -109,11 +109,32 @@ def enable_checkpointing(transformer: torch.nn.Module, fraction: float = 1.0) ->
 
     def some_blocks(block: torch.nn.Module, *args):
         if id(block) in chosen:
-            return checkpoint(block.__call__, *args, use_reentrant=False)
+            return checkpoint(block.__call__, *fsdp_cast_inputs(block, args), use_reentrant=False)
         return block(*args)
 
     transformer.enable_gradient_checkpointing(gradient_checkpointing_func=some_blocks)
     return indices
+
+
+def fsdp_cast_inputs(block: torch.nn.Module, args: tuple) -> tuple:
+    """Cast a block's floating inputs to its FSDP2 compute dtype (`MixedPrecisionPolicy.param_dtype`), as FSDP's
+    own pre-forward hook does; other blocks' inputs are returned as they are.
+
+    Why: the checkpoint recompute in backward calls the block again, and FSDP2 in PyTorch 2.11 skips its input cast
+    during backward, so the recomputed tensors came out float32 where the forward's were bfloat16 and checkpoint
+    refused them (seen on 2 H100s, configs/accelerate/fsdp2_2gpu.yaml). Casting before the checkpoint makes both
+    passes see the same inputs; FSDP's own cast is then a no-op.
+    """
+    get_state = getattr(block, "_get_fsdp_state", None)  # set on modules that fully_shard wrapped
+    policy = getattr(get_state(), "_mp_policy", None) if get_state is not None else None
+    dtype = getattr(policy, "param_dtype", None) if getattr(policy, "cast_forward_inputs", False) else None
+    if dtype is None:
+        return args
+
+    def cast(value):
+        return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+    return tuple(torch.utils._pytree.tree_map(cast, args))
 
 
 def compile_blocks(transformer: torch.nn.Module, activation_budget: float = 1.0) -> None:
