@@ -1,5 +1,5 @@
-"""`kontext-lora` command line: train | sweep | preflight | cache | infer | export | merge | resize | make-tiny-model |
-keys."""
+"""`kontext-lora` command line: train | sweep | preflight | cache | plan | infer | export | merge | resize |
+make-tiny-model | keys."""
 
 from __future__ import annotations
 
@@ -98,6 +98,23 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from kontext_lora.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from kontext_lora.planner import PLAN_HEADROOM, candidates, choose, plan_table
+
+    preds = candidates(cfg, args.vram)
+    shape = f"{cfg.data.resolution}^2, batch {cfg.train.batch_size}, rank {cfg.lora.rank}, {cfg.optim.optimizer}"
+    print(f"memory plan for {args.vram:g} GiB (a candidate fits under {1 - PLAN_HEADROOM:.0%} of it), {shape}:")
+    chosen = choose(preds, args.vram)
+    print(plan_table(preds, args.vram, limit=args.show, chosen=chosen))
+    print(f"\nchosen: {chosen.knobs.label()}: predicted {chosen.peak_gib:.1f} GiB, {chosen.s_per_step:.2f} s/step")
+    print("  " + ", ".join(f"{k} {v:.2f}" for k, v in chosen.memory_gib.items()) + " (GiB)")
+    print("overrides:\n  " + " ".join(chosen.knobs.overrides()))
+    return 0
+
+
 def _make_tiny(args: argparse.Namespace) -> int:
     from kontext_lora.model.tiny import make_tiny_model
 
@@ -164,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     p.set_defaults(func=_cache)
+
+    p = sub.add_parser("plan", help="predict peak memory and s/step; pick the fastest knobs that fit a budget")
+    p.add_argument("--config", required=True, help="YAML config file")
+    p.add_argument("--vram", type=float, required=True, help="accelerator memory budget in GiB")
+    p.add_argument("--show", type=int, default=20, help="candidates shown, fastest first")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.set_defaults(func=_plan)
 
     p = sub.add_parser("make-tiny-model", help="build the tiny random Kontext pipeline in diffusers layout")
     p.add_argument("dir")

@@ -317,7 +317,9 @@ class MemoryConfig:
         ("none", "fp8", "nf4"),
     )
     block_swap: int = opt(
-        0, "Transformer blocks whose frozen weights live in pinned CPU memory, prefetched on a side stream (0 = off)."
+        0,
+        "Transformer blocks whose frozen weights live in pinned CPU memory, prefetched on a side stream (0 = off); "
+        "spread over the depth, always checkpointed whatever speed.checkpoint_fraction says (model/swap.py).",
     )
     text_encoder: str = opt(
         "device",

@@ -230,7 +230,7 @@ def ours_step_fn(transformer: torch.nn.Module, batch, device: torch.device, over
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
     inject_lora(transformer, cfg.lora)
     params = randomize_lora_b(transformer)
-    applied = apply_speed(transformer, cfg.speed, cfg.train.gradient_checkpointing, device)
+    applied = apply_speed(transformer, cfg.speed, cfg.train.gradient_checkpointing, device, cfg.memory.block_swap)
     if "nofix" in diffusers_backend:  # the cuDNN diagnostic without our gradient-layout hooks
         for handle in transformer._kontext_grad_hooks:
             handle.remove()

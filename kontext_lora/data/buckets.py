@@ -222,3 +222,28 @@ class BucketBatchSampler(Sampler[list]):
 
     def __len__(self) -> int:
         return len(self.epoch_batches(self.epoch)) - self._offset
+
+
+class ShardedBatches(Sampler[list]):
+    """A `BucketBatchSampler`'s batches, epoch after epoch without end, dealt round-robin to the processes.
+
+    Global micro-batch k (counted over all epochs from the start) goes to process k % num_processes. So each sample
+    is seen once per epoch across the processes, buckets stay whole, and every process gets the same number of
+    batches (no process waits in a collective the others never enter). N processes with accumulation 1 see exactly
+    the micro-batches one process with accumulation N sees, in the same order. Written here because accelerate's
+    BatchSamplerShard shards one epoch at a time and pads an epoch's uneven end with repeated batches (a sample
+    seen twice, and an order one process would not see); here a step may span two epochs, as with accumulation.
+    """
+
+    def __init__(self, sampler: BucketBatchSampler, num_processes: int = 1, process_index: int = 0) -> None:
+        if not 0 <= process_index < num_processes:
+            raise ValueError(f"process_index {process_index} is not in [0, {num_processes})")
+        self.sampler, self.num_processes, self.process_index = sampler, num_processes, process_index
+
+    def __iter__(self) -> Iterator[list]:
+        epoch, first = 0, 0  # `first`: the global index of the epoch's first batch
+        while True:
+            batches = self.sampler.epoch_batches(epoch)
+            start = (self.process_index - first) % self.num_processes
+            yield from batches[start :: self.num_processes]
+            epoch, first = epoch + 1, first + len(batches)

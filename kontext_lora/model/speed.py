@@ -12,6 +12,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from kontext_lora.config import SpeedConfig
+from kontext_lora.model.swap import enable_block_swap, is_swapped, swapped_bytes
 
 # PyTorch's SDPA kernels, switched process-wide (see `set_attention_backend`).
 _SDPA_FLAGS = {
@@ -98,19 +99,42 @@ def enable_checkpointing(transformer: torch.nn.Module, fraction: float = 1.0) ->
     """Checkpoint `fraction` of the blocks through diffusers' own hook; returns the indices checkpointed.
 
     diffusers calls the hook for every block when checkpointing is on; ours recomputes only the chosen blocks and runs
-    the others normally, which trades memory for speed in steps of one block.
+    the others normally, which trades memory for speed in steps of one block. Swapped blocks (model/swap.py)
+    checkpoint themselves, whatever the fraction: they are counted in, and called plainly here.
     """
     blocks = transformer_blocks(transformer)
-    indices = checkpointed_blocks(transformer, fraction)
-    chosen = {id(blocks[i]) for i in indices}
+    swapped = {i for i, block in enumerate(blocks) if is_swapped(block)}
+    indices = sorted(set(checkpointed_blocks(transformer, fraction)) | swapped)
+    chosen = {id(blocks[i]) for i in indices if i not in swapped}
 
     def some_blocks(block: torch.nn.Module, *args):
         if id(block) in chosen:
-            return checkpoint(block.__call__, *args, use_reentrant=False)
+            return checkpoint(block.__call__, *fsdp_cast_inputs(block, args), use_reentrant=False)
         return block(*args)
 
     transformer.enable_gradient_checkpointing(gradient_checkpointing_func=some_blocks)
     return indices
+
+
+def fsdp_cast_inputs(block: torch.nn.Module, args: tuple) -> tuple:
+    """Cast a block's floating inputs to its FSDP2 compute dtype (`MixedPrecisionPolicy.param_dtype`), as FSDP's
+    own pre-forward hook does; other blocks' inputs are returned as they are.
+
+    Why: the checkpoint recompute in backward calls the block again, and FSDP2 in PyTorch 2.11 skips its input cast
+    during backward, so the recomputed tensors came out float32 where the forward's were bfloat16 and checkpoint
+    refused them (seen on 2 H100s, configs/accelerate/fsdp2_2gpu.yaml). Casting before the checkpoint makes both
+    passes see the same inputs; FSDP's own cast is then a no-op.
+    """
+    get_state = getattr(block, "_get_fsdp_state", None)  # set on modules that fully_shard wrapped
+    policy = getattr(get_state(), "_mp_policy", None) if get_state is not None else None
+    dtype = getattr(policy, "param_dtype", None) if getattr(policy, "cast_forward_inputs", False) else None
+    if dtype is None:
+        return args
+
+    def cast(value):
+        return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+    return tuple(torch.utils._pytree.tree_map(cast, args))
 
 
 def compile_blocks(transformer: torch.nn.Module, activation_budget: float = 1.0) -> None:
@@ -149,9 +173,14 @@ def float8_base_layers(transformer: torch.nn.Module) -> int:
 
 
 def apply_speed(
-    transformer: torch.nn.Module, cfg: SpeedConfig, gradient_checkpointing: bool, device: torch.device
+    transformer: torch.nn.Module,
+    cfg: SpeedConfig,
+    gradient_checkpointing: bool,
+    device: torch.device,
+    block_swap: int = 0,
 ) -> dict[str, object]:
-    """Apply the `speed.*` options to a transformer whose LoRA is already injected; returns what was applied."""
+    """Apply the `speed.*` options (and `memory.block_swap`: that many blocks swapped, see model/swap.py) to a
+    transformer whose LoRA is already injected (and base quantized); returns what was applied."""
     applied: dict[str, object] = {}
     backend = resolve_attention_backend(cfg.attention_backend, device)
     set_attention_backend(backend)
@@ -160,8 +189,12 @@ def apply_speed(
         transformer._kontext_grad_hooks = contiguous_attention_grads(transformer)
     if cfg.fp8_base:
         applied["fp8_layers"] = float8_base_layers(transformer)
-    if gradient_checkpointing:
-        applied["checkpointed_blocks"] = len(enable_checkpointing(transformer, cfg.checkpoint_fraction))
+    if block_swap:  # after fp8_base (new modules), before checkpointing and compile; always checkpointed
+        applied["swapped_blocks"] = enable_block_swap(transformer, block_swap, device)
+        applied["swapped_gib"] = round(swapped_bytes(transformer) / 2**30, 3)
+    if gradient_checkpointing or block_swap:
+        fraction = cfg.checkpoint_fraction if gradient_checkpointing else 0.0
+        applied["checkpointed_blocks"] = len(enable_checkpointing(transformer, fraction))
     if _wants_compile(cfg.compile, device):
         compile_blocks(transformer, cfg.activation_budget)
         applied["compiled"] = True

@@ -7,15 +7,16 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from kontext_lora.config import Config, to_dict, to_yaml
-from kontext_lora.data.buckets import BucketBatchSampler, bucket_table
+from kontext_lora.data.buckets import BucketBatchSampler, ShardedBatches, bucket_table
 from kontext_lora.data.plan import bucket_keys_of, build_plan
 from kontext_lora.data.preflight import preflight, write_contact_sheet
 from kontext_lora.data.triples import DataError
@@ -25,6 +26,7 @@ from kontext_lora.model.load import load_transformer
 from kontext_lora.model.lora import adapter_state, inject_lora, load_adapter_state, lora_parameters
 from kontext_lora.model.quant import quantization_report, quantize_base
 from kontext_lora.model.speed import apply_speed
+from kontext_lora.planner import apply_budget
 from kontext_lora.train import checkpoint
 from kontext_lora.train.ema import EMA_WEIGHT_NAME, AdapterEMA
 from kontext_lora.train.encode import (
@@ -66,26 +68,35 @@ class _Batches:
 
     Resuming replays that many draws (`skip`), which restores the position for any deterministic sampler
     (shuffles, buckets, epochs) without knowing how it works; the batches are read and thrown away.
+    Batches come out on `device`.
     """
 
-    def __init__(self, loader: DataLoader):
+    def __init__(self, loader: DataLoader, device: torch.device, num_processes: int = 1, process_index: int = 0):
         self._batches = _repeat(loader)
+        self.device, self.num_processes, self.process_index = device, num_processes, process_index
         self.consumed = 0
+
+    @property
+    def global_index(self) -> int:
+        """Index of the last micro-batch handed out, counted over all processes (see `ShardedBatches`)."""
+        return (self.consumed - 1) * self.num_processes + self.process_index
 
     def __iter__(self):
         return self
 
     def __next__(self):
         self.consumed += 1
-        return next(self._batches)
+        return next(self._batches).to(self.device)
 
     def skip(self, count: int, show_progress: bool) -> None:
         for _ in tqdm(range(count), desc="fast-forwarding data", unit="batch", disable=not show_progress):
-            next(self)
+            next(self._batches)  # read and dropped, not moved to the device
+            self.consumed += 1
 
 
 def train(cfg: Config) -> Path:
     """Run a whole training job from the config; returns the path of the final adapter."""
+    cfg = apply_budget(cfg)  # memory.budget_gib > 0: the planner's knobs, recorded in the run's config.yaml
     accelerator = _accelerator(cfg)
     set_seed(cfg.train.seed)
 
@@ -134,6 +145,11 @@ def train(cfg: Config) -> Path:
     return fit(cfg, transformer, encoded, accelerator, validator=validator)
 
 
+def micro_batch_seed(seed: int, global_index: int) -> int:
+    """Seed of global micro-batch `global_index`'s noise and sigmas: the same whichever process draws it."""
+    return int(np.random.SeedSequence([seed, global_index]).generate_state(1, np.uint64)[0])
+
+
 def _accelerator(cfg: Config) -> Accelerator:
     return Accelerator(
         mixed_precision=cfg.train.mixed_precision,
@@ -157,26 +173,33 @@ def fit(
     Validation (validation.every) needs a `validator` (see train()) or the FluxKontextPipeline whose transformer
     this is (`pipeline`: its VAE, scheduler and text encoders build one on validation.examples / heldout_path).
     """
+    cfg = apply_budget(cfg, print if accelerator is None or accelerator.is_main_process else lambda _: None)
     accelerator = accelerator or _accelerator(cfg)
     out_dir = Path(cfg.output.dir)
+    # The adapter's initial weights depend on train.seed alone, not on how many random numbers loading and
+    # caching drew before (which differs between a cold and a warm cache, and between processes).
+    set_seed(cfg.train.seed)
     inject_lora(transformer, cfg.lora)
     if cfg.lora.init_from:
         _init_from_file(transformer, cfg)
     if cfg.memory.base_quant != "none":  # after inject_lora (PEFT sees bf16 weights), before compile
         quantize_base(transformer, cfg.memory.base_quant, accelerator.device)
-    applied = apply_speed(transformer, cfg.speed, cfg.train.gradient_checkpointing, accelerator.device)
+    applied = apply_speed(transformer, cfg.speed, cfg.train.gradient_checkpointing, accelerator.device,
+                          block_swap=cfg.memory.block_swap)  # fmt: skip
     accelerator.print(f"[kontext-lora] fast path: {applied}, base_quant: {quantization_report(transformer)}")
     params = lora_parameters(transformer)
 
-    # One bucket per batch, in an order fixed by (train.seed, epoch): batch k of a run is reproducible, and
-    # `sampler.skip(k)` continues after k batches without reading any data (exact resume).
+    # One bucket per batch, in an order fixed by (train.seed, epoch): batch k of a run is reproducible. With N
+    # processes, global micro-batch k goes to process k % N (ShardedBatches): the loader is ours, not prepared by
+    # accelerate, whose per-epoch sharding pads uneven epochs with repeated batches.
     sampler = BucketBatchSampler(
         bucket_keys_of(encoded), cfg.train.batch_size, cfg.train.seed,
         weights=encoded.sample_weights() if hasattr(encoded, "sample_weights") else None,
         with_draw_seed=getattr(encoded, "takes_draw_seed", False),
     )  # fmt: skip
+    shard = ShardedBatches(sampler, accelerator.num_processes, accelerator.process_index)
     loader = DataLoader(
-        encoded, batch_sampler=sampler, collate_fn=collate_encoded, num_workers=cfg.data.num_workers,
+        encoded, batch_sampler=shard, collate_fn=collate_encoded, num_workers=cfg.data.num_workers,
         persistent_workers=cfg.data.num_workers > 0,
     )  # fmt: skip
     optimizer = build_optimizer(params, cfg)
@@ -184,7 +207,9 @@ def fit(
         cfg.train.scheduler, optimizer, num_warmup_steps=cfg.train.warmup_steps * accelerator.num_processes,
         num_training_steps=cfg.train.steps * accelerator.num_processes,
     )  # fmt: skip
-    transformer, optimizer, loader, scheduler = accelerator.prepare(transformer, optimizer, loader, scheduler)
+    _deepspeed_batch_size(accelerator, cfg)
+    transformer, optimizer, scheduler = accelerator.prepare(transformer, optimizer, scheduler)
+    params = lora_parameters(accelerator.unwrap_model(transformer))  # FSDP2 replaces them with sharded ones
     if cfg.logging.report_to != "none":
         wandb = cfg.logging.report_to == "wandb"
         accelerator.init_trackers(
@@ -193,13 +218,12 @@ def fit(
                                    "group": cfg.logging.wandb_group or None}} if wandb else {},
         )  # fmt: skip
 
-    noise_generator = torch.Generator(device=accelerator.device).manual_seed(
-        cfg.train.seed * 1000 + accelerator.process_index
-    )
+    # Reseeded per micro-batch from its global index (micro_batch_seed): N processes draw the noise one would.
+    noise_generator = torch.Generator(device=accelerator.device)
     ema = AdapterEMA(params, cfg.ema) if cfg.ema.enabled else None
     save = _saver(accelerator, transformer, cfg, ema)
     guard = NonFiniteGuard(cfg.optim.nonfinite_limit)
-    batches = _Batches(loader)
+    batches = _Batches(loader, accelerator.device, accelerator.num_processes, accelerator.process_index)
     if validator is None and pipeline is not None and cfg.validation.every:
         from kontext_lora.train.validation import Validator, validation_items
 
@@ -213,7 +237,9 @@ def fit(
     transformer.train()
     while step < cfg.train.steps:
         with accelerator.accumulate(transformer):
-            loss = training_step(transformer, next(batches), cfg, noise_generator)
+            batch = next(batches)
+            noise_generator.manual_seed(micro_batch_seed(cfg.train.seed, batches.global_index))
+            loss = training_step(transformer, batch, cfg, noise_generator)
             if guard.skip(loss, accelerator, step):
                 for param in params:  # drop this step's gradients (the wrapped optimizer zeroes only at sync)
                     param.grad = None
@@ -237,7 +263,8 @@ def fit(
         if ema is not None:
             ema.update(step)
         seconds, tick = time.perf_counter() - tick, time.perf_counter()
-        logs = {"loss": loss_sum / micro, "lr": scheduler.get_last_lr()[0], "s_per_step": seconds}
+        logs = {"loss": _mean_over_processes(accelerator, loss_sum / micro), "lr": scheduler.get_last_lr()[0],
+                "s_per_step": seconds}  # fmt: skip
         loss_sum, micro = 0.0, 0
         progress.update(1)
         progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", s_step=f"{seconds:.2f}")
@@ -256,6 +283,20 @@ def fit(
     accelerator.end_training()
     accelerator.print(f"[kontext-lora] adapter written to {final}")
     return final
+
+
+def _mean_over_processes(accelerator: Accelerator, value: float) -> float:
+    """The mean of `value` over the processes (the step's loss over all its micro-batches, as one process logs)."""
+    if accelerator.num_processes == 1:
+        return value
+    return accelerator.reduce(torch.tensor([value], device=accelerator.device), reduction="mean").item()
+
+
+def _deepspeed_batch_size(accelerator: Accelerator, cfg: Config) -> None:
+    """DeepSpeed reads its micro-batch size from a prepared DataLoader; ours is not prepared, so it is set here."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.is_auto("train_micro_batch_size_per_gpu"):
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
 
 
 METRICS_NAME = "metrics.jsonl"
@@ -330,16 +371,21 @@ class _TrainingState:
         accelerator.wait_for_everyone()
         checkpoint.write_state(tmp, f"rng_{accelerator.process_index}", checkpoint.rng_state(self.generators))
         save_adapter(step, tmp)
+        # Every process gathers the optimizer and EMA tensors (FSDP2 shards them; a collective), main writes them.
+        # DeepSpeed's ZeRO optimizer state is partitioned in its own format: not kept (such a run cannot resume).
+        deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        optimizer_state = None if deepspeed else _full_tensors(self.optimizer.state_dict())
+        ema_state = _full_tensors(self.ema.state()) if self.ema is not None else None
         if accelerator.is_main_process:
             state = {
                 "step": step,
                 "micro_batches": self.batches.consumed,
                 "num_processes": accelerator.num_processes,
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scheduler": self.scheduler.state_dict(),
             }
-            if self.ema is not None:
-                state["ema"] = self.ema.state()
+            if ema_state is not None:
+                state["ema"] = ema_state
             if accelerator.scaler is not None:
                 state["grad_scaler"] = accelerator.scaler.state_dict()
             checkpoint.write_state(tmp, checkpoint.STATE_NAME, state)
@@ -353,11 +399,18 @@ class _TrainingState:
     def load(self, folder: Path) -> int:
         """Restore adapter, optimizer, scheduler, EMA, data position and RNG states; returns the step."""
         accelerator = self.accelerator
+        if accelerator.is_fsdp2 or accelerator.distributed_type == DistributedType.DEEPSPEED:
+            raise TrainingError(
+                f"train.resume: resuming under {accelerator.distributed_type.value} is not supported yet; continue "
+                f"from the checkpoint's adapter instead: lora.init_from={folder / WEIGHT_NAME}"
+            )
         try:
             state = checkpoint.read_state(folder, checkpoint.STATE_NAME)
             rng = checkpoint.read_state(folder, f"rng_{accelerator.process_index}")
         except checkpoint.CheckpointError as exc:
             raise TrainingError(f"train.resume: {exc}") from None
+        if state["optimizer"] is None:
+            raise TrainingError(f"train.resume: {folder} was written under DeepSpeed and has no optimizer state")
         if state["num_processes"] != accelerator.num_processes:
             raise TrainingError(
                 f"train.resume: {folder} was written by {state['num_processes']} processes, this run has "
@@ -420,8 +473,13 @@ def _saver(accelerator: Accelerator, transformer: torch.nn.Module, cfg: Config, 
     def save(step: int, folder: Path) -> Path:
         path = folder / WEIGHT_NAME
         accelerator.wait_for_everyone()
+        # Every process gathers (FSDP2 holds each LoRA tensor in shards); only the main one writes.
+        state, peft_config = _full_adapter_state(accelerator.unwrap_model(transformer))
+        ema_state = None
+        if ema is not None:
+            with ema.applied():
+                ema_state = _full_adapter_state(accelerator.unwrap_model(transformer))[0]
         if accelerator.is_main_process:
-            state, peft_config = adapter_state(accelerator.unwrap_model(transformer))
             info = {
                 "base_model": cfg.model.pretrained,
                 "step": step,
@@ -432,11 +490,7 @@ def _saver(accelerator: Accelerator, transformer: torch.nn.Module, cfg: Config, 
                 "config": to_dict(cfg),
             }
             save_diffusers_lora(path, {k: v.float() for k, v in state.items()}, peft_config, info)
-            if ema is not None:
-                with ema.applied():
-                    ema_state = {
-                        k: v.float().clone() for k, v in adapter_state(accelerator.unwrap_model(transformer))[0].items()
-                    }
+            if ema_state is not None:
                 save_diffusers_lora(folder / EMA_WEIGHT_NAME, ema_state, peft_config, {**info, "ema": True})
             extra = [fmt for fmt in cfg.output.export_formats if fmt != "diffusers"]
             if extra:
@@ -444,6 +498,30 @@ def _saver(accelerator: Accelerator, transformer: torch.nn.Module, cfg: Config, 
         return path
 
     return save
+
+
+def _full_adapter_state(transformer: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """adapter_state() with whole float32 tensors, on every process: a sharded (FSDP2 DTensor) LoRA tensor is
+    gathered with `full_tensor()`, a collective, so every process must call this; the frozen base is never read."""
+    from torch.distributed.tensor import DTensor
+
+    state, peft_config = adapter_state(transformer)
+    full = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().float().clone() for k, v in state.items()}
+    return full, peft_config
+
+
+def _full_tensors(tree):
+    """`tree` (nested dicts / lists of tensors) with every DTensor gathered whole: a collective, so every process
+    calls it in the same order; plain tensors and other values pass through."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tree, DTensor):
+        return tree.full_tensor()
+    if isinstance(tree, dict):
+        return {key: _full_tensors(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_full_tensors(value) for value in tree)
+    return tree
 
 
 def _flat_hparams(tree: dict, prefix: str = "") -> dict:

@@ -12,6 +12,7 @@ from PIL import Image
 
 from kontext_lora.data.buckets import (
     BucketBatchSampler,
+    ShardedBatches,
     Transform,
     area_buckets,
     bucket_list,
@@ -170,3 +171,30 @@ def test_sampler_draw_seeds_differ_and_plain_mode_yields_ints() -> None:
     assert len({seed for _, seed in batch}) == 6
     plain = BucketBatchSampler(["k"] * 6, batch_size=6, seed=0, with_draw_seed=False)
     assert all(isinstance(i, int) for i in plain.epoch_batches(0)[0])
+
+
+@pytest.mark.parametrize("num_processes", [2, 3])
+def test_sharded_batches_deal_the_global_stream_round_robin_without_padding(num_processes: int) -> None:
+    # Three buckets of 5, 4 and 2 samples in batches of 2: 3 + 2 + 1 = 6 batches an epoch, the last of a bucket
+    # smaller; with 2 or 3 processes the epochs end mid-round half the time.
+    keys = ["a"] * 5 + ["b"] * 4 + ["c"] * 2
+    sampler = BucketBatchSampler(keys, batch_size=2, seed=7, with_draw_seed=True)
+    epochs = 5
+    stream = [batch for epoch in range(epochs) for batch in sampler.epoch_batches(epoch)]  # one process's order
+    per_rank = []
+    for rank in range(num_processes):
+        iterator = iter(ShardedBatches(sampler, num_processes, rank))
+        per_rank.append([next(iterator) for _ in range(len(stream) // num_processes)])
+    # Every process gets the same number of batches; interleaved they are exactly the one-process stream.
+    dealt = [per_rank[k % num_processes][k // num_processes] for k in range(len(per_rank[0]) * num_processes)]
+    assert dealt == stream[: len(dealt)] and len(dealt) == len(stream)
+    # So each epoch's batches, across the processes, hold every sample exactly once, one bucket per batch, and
+    # carry the draw seeds one process would use.
+    first = 0
+    for epoch in range(epochs):
+        batches = dealt[first : first + len(sampler.epoch_batches(epoch))]
+        first += len(batches)
+        assert sorted(i for batch in batches for i, _ in batch) == list(range(len(keys)))
+        assert all(len({keys[i] for i, _ in batch}) == 1 for batch in batches)
+    with pytest.raises(ValueError, match="process_index 2"):
+        ShardedBatches(sampler, 2, 2)

@@ -1,0 +1,153 @@
+"""The memory planner: exact weight / adapter / optimizer bytes on the tiny model, monotone knobs, plans that fit,
+the `plan` command and memory.budget_gib applied by training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kontext_lora.config import ConfigError, load_config
+from kontext_lora.planner import (
+    GIB,
+    POINT_BASE,
+    Knobs,
+    candidates,
+    count_model,
+    plan,
+    predict,
+)
+
+from .conftest import EXAMPLES
+
+
+def _tiny(model_dir: Path, *extra: str):
+    return load_config(None, [
+        f"model.pretrained={model_dir}", "model.max_sequence_length=16", f"data.datasets=[{{path: {EXAMPLES}}}]",
+        "data.resolution=64", "lora.rank=4", "lora.alpha=4", "train.steps=1", "train.batch_size=1",
+        "logging.report_to=none", *extra,
+    ])  # fmt: skip
+
+
+def test_weights_lora_and_optimizer_bytes_match_the_real_tiny_model(tiny_model_dir: Path, one_thread) -> None:
+    from diffusers import FluxTransformer2DModel
+
+    from kontext_lora.model.lora import inject_lora, lora_parameters
+
+    cfg = _tiny(tiny_model_dir)
+    pred = predict(cfg)
+    transformer = FluxTransformer2DModel.from_pretrained(tiny_model_dir / "transformer", torch_dtype=torch.bfloat16)
+    inject_lora(transformer, cfg.lora)
+    params = lora_parameters(transformer)
+    frozen = [p for p in transformer.parameters() if not p.requires_grad] + list(transformer.buffers())
+    assert pred.memory_gib["weights"] * GIB == sum(p.numel() * p.element_size() for p in frozen)
+    assert pred.memory_gib["lora+grads"] * GIB == 2 * sum(p.numel() * p.element_size() for p in params)
+    for param in params:  # one AdamW step creates its two fp32 states per element
+        param.grad = torch.ones_like(param)
+    optimizer = torch.optim.AdamW(params)
+    optimizer.step()
+    states = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.dim())
+    assert pred.memory_gib["optimizer"] * GIB == states
+
+
+def test_more_swap_and_stronger_quantization_lower_the_peak(tiny_model_dir: Path) -> None:
+    for cfg in (_tiny(tiny_model_dir), load_config(None, [*POINT_BASE, "data.resolution=1024"])):
+        blocks = len(count_model(cfg).blocks)
+        peaks = [predict(cfg, knobs=Knobs(block_swap=n)).peak_gib for n in range(blocks + 1)]
+        assert peaks[-1] < peaks[0]
+        by_quant = [
+            predict(cfg, knobs=Knobs(base_quant=q, gradient_checkpointing=True)) for q in ("none", "fp8", "nf4")
+        ]
+        weights = [p.memory_gib["weights"] for p in by_quant]
+        assert weights[0] > weights[1] > weights[2]
+        assert by_quant[0].peak_gib > by_quant[1].peak_gib > by_quant[2].peak_gib
+    # FLUX.1 at 1024^2: each further swapped block lowers the peak (the first one only trades its activations for
+    # the one block recomputed in backward)
+    assert all(a > b for a, b in zip(peaks[1:], peaks[2:], strict=False)), peaks
+    # FLUX.1 at bf16 is 11.9B frozen elements (22.2 GiB); fp8 about half plus its scales, nf4 about a quarter.
+    assert 22.0 < weights[0] < 22.4 and 0.5 < weights[1] / weights[0] < 0.52 and 0.25 < weights[2] / weights[0] < 0.27
+
+
+def test_plan_fits_the_budget_and_says_when_nothing_does(tiny_model_dir: Path) -> None:
+    flux = load_config(None, [*POINT_BASE, "data.resolution=1024"])
+    planned, pred = plan(flux, 24.0)
+    assert pred.peak_gib <= 24.0 and pred.s_per_step <= 2.0
+    assert predict(planned).peak_gib == pytest.approx(pred.peak_gib)  # the returned config carries the knobs
+    assert pred.knobs.base_quant == "none"  # bf16 fits 24 GiB at a speed within the tolerance: no quantization
+    small, pred_small = plan(load_config(None, [*POINT_BASE, "data.resolution=512"]), 12.0)
+    assert pred_small.peak_gib <= 12.0 and small.memory.base_quant != "none"  # bf16 weights alone are 22 GiB
+    with pytest.raises(ConfigError, match=r"memory.budget_gib.*nothing fits 4 GiB"):
+        plan(flux, 4.0)
+    tiny = _tiny(tiny_model_dir)
+    with pytest.raises(ConfigError, match="nothing fits"):
+        plan(tiny, 0.5)  # the fixed overhead (CUDA context, allocator) alone is larger
+
+
+def test_plan_command_prints_the_candidates_and_the_overrides(tmp_path: Path, capsys) -> None:
+    from kontext_lora.cli import main
+
+    config = tmp_path / "x.yaml"
+    data = {"datasets": [{"path": str(EXAMPLES)}], "resolution": 1024}
+    config.write_text(yaml.safe_dump({"model": {"pretrained": str(tmp_path / "absent")}, "data": data}))
+    assert main(["plan", "--config", str(config), "--vram", "24", "lora.rank=16"]) == 0
+    out = capsys.readouterr().out
+    assert "| quant | swap | checkpointing | compile | peak GiB | s/step | fits |" in out
+    shown = out.count("| yes |") + out.count("| no |")
+    assert out.count("| yes (chosen) |") == 1 and f"{60 - shown - 1} more candidates not shown" in out
+    assert "chosen:" in out and "memory.base_quant=" in out and "memory.block_swap=" in out
+    assert main(["plan", "--config", str(config), "--vram", "12", "--show", "60", "data.resolution=512"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| none |")]
+    assert len(rows) == 20 and min(int(row[1]) for row in rows) > 0  # bf16 (22 GiB of weights) fits only by swapping
+    assert main(["plan", "--config", str(config), "--vram", "3"]) == 2  # nothing fits: one line, exit 2
+    assert "kontext-lora: error: config key `memory.budget_gib`: nothing fits 3 GiB" in capsys.readouterr().err
+
+
+def test_budget_applies_the_plan_and_the_run_records_it(tiny_model_dir: Path, tmp_path: Path, one_thread) -> None:
+    from kontext_lora.train.loop import train
+
+    base = _tiny(tiny_model_dir, "speed.compile=none", f"output.dir={tmp_path / 'run'}")
+    # A budget the unconstrained fastest set misses by a byte: the plan must change the knobs to fit.
+    fastest = min(candidates(base, 1e9), key=lambda p: p.s_per_step)
+    budget = (fastest.peak_gib * GIB - 1) / GIB / 0.95
+    cfg = _tiny(tiny_model_dir, "speed.compile=none", f"output.dir={tmp_path / 'run'}", f"memory.budget_gib={budget}")
+    planned, pred = plan(cfg, budget)
+    assert pred.fits(budget) and Knobs.of(planned) != Knobs.of(cfg)
+    train(cfg)
+    written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert written["memory"]["base_quant"] == pred.knobs.base_quant
+    assert written["memory"]["block_swap"] == pred.knobs.block_swap
+    assert written["train"]["gradient_checkpointing"] == pred.knobs.gradient_checkpointing
+    assert written["speed"]["checkpoint_fraction"] == pred.knobs.checkpoint_fraction
+    assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_refit_from_bench_output_moves_the_constants_to_the_new_measurements(tmp_path: Path, capsys) -> None:
+    from kontext_lora.planner import accuracy_rows, fit, load_calibration, main, points_from_bench
+
+    calib = load_calibration()
+    measured = [p for p in calib["points"] if p.get("peak_gib") and p.get("s_per_step")]
+    # A bench_memory.py output whose card used 10% more memory and 20% more time than the calibration's points.
+    rows = [{"name": p["name"], "status": "ok", "tiny": False, "overrides": p["overrides"],
+             "peak_gib": p["peak_gib"] * 1.1, "s_per_step": p["s_per_step"] * 1.2} for p in measured]  # fmt: skip
+    rows.append({"name": "oom", "status": "OOM", "tiny": False, "overrides": measured[0]["overrides"]})
+    bench = tmp_path / "memory-test.json"
+    bench.write_text(json.dumps({"card": "test card", "h2d_gbps": 31.5, "rows": rows}))
+    points = [p for p in points_from_bench([str(bench)]) if "overrides" in p]
+    assert len(points) == len(measured)  # the OOM row is not a measurement
+    refitted = fit(points, calib)
+
+    def mean_error(constants: dict) -> tuple[float, float]:
+        table = accuracy_rows(points, constants)
+        peak = sum(abs(pp - p) / p for _, _, p, pp, _, _ in table) / len(table)
+        return peak, sum(abs(pt - t) / t for _, _, _, _, t, pt in table) / len(table)
+
+    before, after = mean_error(calib), mean_error(refitted)
+    assert before[0] > 0.05 and before[1] > 0.1, before  # the shift is visible before the refit ...
+    assert after[0] < before[0] / 4 and after[1] < before[1] / 2, (before, after)  # ... and mostly gone after
+    assert main(["--fit", str(bench)]) == 0  # the command prints both tables and does not write without --write
+    out = capsys.readouterr().out
+    assert "refitted on" in out and "not written" in out and load_calibration() == calib
