@@ -239,12 +239,19 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=240, help="seconds per configuration")
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU, no budget: checks the script")
     parser.add_argument("--out", type=Path, default=Path("bench_memory.json"))
+    parser.add_argument("--report", nargs="+", type=Path, help="print the table of saved --out files (one card)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--overrides", help=argparse.SUPPRESS)
     parser.add_argument("--budget", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return run_child(args)
+    if args.report:  # runs split over several calls (each call has a time limit): one table, one card
+        saved = [json.loads(path.read_text()) for path in args.report]
+        cards = {payload["card"] for payload in saved}
+        if len(cards) > 1:
+            raise SystemExit(f"--report: the files come from different cards ({', '.join(sorted(cards))})")
+        return print_table([row for payload in saved for row in payload["rows"]], cards.pop())
 
     from kontext_lora.planner import count_model, predict
 
