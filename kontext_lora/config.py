@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import os
 import typing
 from dataclasses import dataclass, field
@@ -462,6 +463,8 @@ def _check_values(cfg: Config) -> None:
     for key in ("checkpoint_fraction", "activation_budget"):
         if not 0.0 <= getattr(cfg.speed, key) <= 1.0:
             raise ConfigError(f"config key `speed.{key}`: must be in [0, 1], got {getattr(cfg.speed, key)}")
+    if cfg.memory.base_quant == "nf4" and importlib.util.find_spec("torchao") is None:
+        raise ConfigError("config key `memory.base_quant`: nf4 needs torchao (pip install 'kontext-lora[memory]')")
     if cfg.memory.block_swap < 0 or cfg.memory.budget_gib < 0:
         key = "memory.block_swap" if cfg.memory.block_swap < 0 else "memory.budget_gib"
         raise ConfigError(f"config key `{key}`: must be >= 0, got {getattr(cfg.memory, key.split('.')[1])}")

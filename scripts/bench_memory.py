@@ -154,7 +154,8 @@ def run_child(args: argparse.Namespace) -> None:
             torch.cuda.empty_cache()
             if args.budget > 0:
                 total = torch.cuda.get_device_properties(device).total_memory
-                torch.cuda.set_per_process_memory_fraction(min(1.0, args.budget * GIB / total), torch.cuda.current_device())
+                fraction = min(1.0, args.budget * GIB / total)
+                torch.cuda.set_per_process_memory_fraction(fraction, torch.cuda.current_device())
             torch.cuda.reset_peak_memory_stats(device)
         generator = torch.Generator(device).manual_seed(0)
         times, losses = [], []

@@ -201,7 +201,10 @@ class NF4WeightLinear(torch.nn.Module):
     _PARTS = ("nf4_data", "nf4_scalers", "nf4_factors", "nf4_mean", "nf4_lut")
 
     def __init__(self, linear: torch.nn.Linear, device: torch.device | None = None):
-        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+        try:
+            from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+        except ImportError:
+            raise ImportError("memory.base_quant=nf4 needs torchao: pip install 'kontext-lora[memory]'") from None
 
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
