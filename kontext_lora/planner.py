@@ -427,7 +427,7 @@ def choose(preds: list[Prediction], budget_gib: float, exact_within: float = 1.2
         least = min(preds, key=lambda p: p.peak_gib)
         raise ConfigError(
             f"config key `memory.budget_gib`: nothing fits {budget_gib:g} GiB; the smallest candidate "
-            f"({least.knobs.label()}) needs {least.peak_gib:.1f} GiB; lower data.resolution / train.batch_size / "
+            f"({least.knobs.label()}) needs {least.peak_gib:.3g} GiB; lower data.resolution / train.batch_size / "
             "lora.rank or raise the budget"
         )
     fastest = min(fitting, key=lambda p: p.s_per_step)
