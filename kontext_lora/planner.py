@@ -404,15 +404,16 @@ def candidate_knobs(cfg: Config, blocks: int) -> list[Knobs]:
     ]
 
 
-def candidates(cfg: Config, budget_gib: float, count: ModelCount | None = None) -> list[Prediction]:
-    """A prediction per candidate knob set, each with the fewest swapped blocks that fit `budget_gib` (or all)."""
+def candidates(cfg: Config, budget_gib: float, count: ModelCount | None = None, swap: bool = True) -> list[Prediction]:
+    """A prediction per candidate knob set, each with the fewest swapped blocks that fit `budget_gib` (or all;
+    none when `swap` is false)."""
     count, calib = count or count_model(cfg), load_calibration()
     n = len(count.blocks)
     out = []
     for knobs in candidate_knobs(cfg, n):
         # The fewest swapped blocks that fit (a scan: swapping the first double block can cost more than it frees).
-        for swap in range(n + 1):
-            pred = predict(cfg, count, calib, dataclasses.replace(knobs, block_swap=swap))
+        for swapped in range(n + 1 if swap else 1):
+            pred = predict(cfg, count, calib, dataclasses.replace(knobs, block_swap=swapped))
             if pred.fits(budget_gib):
                 break
         out.append(pred)
@@ -438,9 +439,12 @@ def choose(preds: list[Prediction], budget_gib: float, exact_within: float = 1.2
     return fastest
 
 
-def plan(cfg: Config, budget_gib: float, count: ModelCount | None = None) -> tuple[Config, Prediction]:
-    """The cheapest knob set that fits `budget_gib`: (cfg with it applied, its prediction); ConfigError if none fits."""
-    chosen = choose(candidates(cfg, budget_gib, count), budget_gib)
+def plan(
+    cfg: Config, budget_gib: float, count: ModelCount | None = None, swap: bool = True
+) -> tuple[Config, Prediction]:
+    """The cheapest knob set that fits `budget_gib`: (cfg with it applied, its prediction); ConfigError if none fits.
+    `swap=False` leaves block swap out of the candidates."""
+    chosen = choose(candidates(cfg, budget_gib, count, swap), budget_gib)
     return chosen.knobs.apply(cfg), chosen
 
 
@@ -448,7 +452,9 @@ def apply_budget(cfg: Config, log=print) -> Config:
     """memory.budget_gib > 0: `cfg` with the planned knobs (printed when they change anything); else `cfg`."""
     if cfg.memory.budget_gib <= 0:
         return cfg
-    planned, pred = plan(cfg, cfg.memory.budget_gib)
+    # Block swap refuses several processes (DDP broadcasts every weight, swapped ones too): plan without it there.
+    single_process = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    planned, pred = plan(cfg, cfg.memory.budget_gib, swap=single_process)
     if Knobs.of(planned) != Knobs.of(cfg):
         log(f"[kontext-lora] memory plan for {cfg.memory.budget_gib:g} GiB: {pred.knobs.label()} -> predicted "
             f"{pred.peak_gib:.1f} GiB, {pred.s_per_step:.2f} s/step ({' '.join(pred.knobs.overrides())})")  # fmt: skip

@@ -15,6 +15,7 @@ from kontext_lora.planner import (
     GIB,
     POINT_BASE,
     Knobs,
+    apply_budget,
     candidates,
     count_model,
     plan,
@@ -84,6 +85,16 @@ def test_plan_fits_the_budget_and_says_when_nothing_does(tiny_model_dir: Path) -
     tiny = _tiny(tiny_model_dir)
     with pytest.raises(ConfigError, match="nothing fits 0.01 GiB.* needs 0.03"):
         plan(tiny, 0.01)  # the fitted fixed overhead (about 0.035 GiB, refitted on an H100) alone is larger
+
+
+def test_a_multi_process_run_is_planned_without_block_swap(monkeypatch) -> None:
+    """Block swap refuses several processes, so a budget under WORLD_SIZE > 1 must be met another way."""
+    flux = load_config(None, [*POINT_BASE, "data.resolution=1024", "memory.budget_gib=24"])
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert apply_budget(flux, log=lambda _: None).memory.block_swap > 0  # alone, bf16 + swap is the plan
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    planned = apply_budget(flux, log=lambda _: None)
+    assert planned.memory.block_swap == 0 and predict(planned).peak_gib <= 24
 
 
 def test_plan_command_prints_the_candidates_and_the_overrides(tmp_path: Path, capsys) -> None:
