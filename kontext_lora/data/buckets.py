@@ -239,11 +239,21 @@ class ShardedBatches(Sampler[list]):
         if not 0 <= process_index < num_processes:
             raise ValueError(f"process_index {process_index} is not in [0, {num_processes})")
         self.sampler, self.num_processes, self.process_index = sampler, num_processes, process_index
+        self._skip = 0
+
+    def skip(self, consumed: int) -> None:
+        """Make the next `iter()` continue after this process's first `consumed` batches (consumed x N global ones),
+        without reading any data: the exact resume position."""
+        self._skip = consumed
 
     def __iter__(self) -> Iterator[list]:
+        target = self._skip * self.num_processes  # global index of the first batch not yet consumed by any process
         epoch, first = 0, 0  # `first`: the global index of the epoch's first batch
         while True:
             batches = self.sampler.epoch_batches(epoch)
-            start = (self.process_index - first) % self.num_processes
-            yield from batches[start :: self.num_processes]
+            if first + len(batches) > target:  # epochs wholly consumed are only counted
+                start = (self.process_index - first) % self.num_processes
+                if target > first:  # this process's first unconsumed batch in the epoch
+                    start += -(-(target - first - start) // self.num_processes) * self.num_processes
+                yield from batches[start :: self.num_processes]
             epoch, first = epoch + 1, first + len(batches)

@@ -58,21 +58,15 @@ def training_step(
     )  # fmt: skip
 
 
-def _repeat(loader: DataLoader):
-    while True:
-        yield from loader
-
-
 class _Batches:
     """Endless iterator over the loader that counts the micro-batches handed out: the data position.
 
-    Resuming replays that many draws (`skip`), which restores the position for any deterministic sampler
-    (shuffles, buckets, epochs) without knowing how it works; the batches are read and thrown away.
-    Batches come out on `device`.
+    The loader's batch sampler is a `ShardedBatches`; resuming (`skip`) positions it after the consumed batches
+    without reading them, so a resume costs nothing however large the cache. Batches come out on `device`.
     """
 
     def __init__(self, loader: DataLoader, device: torch.device, num_processes: int = 1, process_index: int = 0):
-        self._batches = _repeat(loader)
+        self._loader, self._batches = loader, None  # ShardedBatches never ends: one iterator for the whole run
         self.device, self.num_processes, self.process_index = device, num_processes, process_index
         self.consumed = 0
 
@@ -85,13 +79,20 @@ class _Batches:
         return self
 
     def __next__(self):
+        if self._batches is None:
+            self._batches = iter(self._loader)
         self.consumed += 1
         return next(self._batches).to(self.device)
 
-    def skip(self, count: int, show_progress: bool) -> None:
-        for _ in tqdm(range(count), desc="fast-forwarding data", unit="batch", disable=not show_progress):
-            next(self._batches)  # read and dropped, not moved to the device
-            self.consumed += 1
+    def skip(self, count: int) -> None:
+        """Continue after this process's first `count` micro-batches; only before the first batch is drawn."""
+        if self.consumed:
+            raise RuntimeError("_Batches.skip must come before the first batch is drawn")
+        self._loader.batch_sampler.skip(count)
+        # The iterator is made now, as the interrupted run had made it by then: making one draws the loader's base
+        # seed from the global RNG, which the resume restores afterwards.
+        self._batches = iter(self._loader)
+        self.consumed = count
 
 
 def train(cfg: Config) -> Path:
@@ -430,8 +431,8 @@ class _TrainingState:
             raise TrainingError(f"train.resume: {folder} does not fit this config: {exc}") from None
         if accelerator.scaler is not None and "grad_scaler" in state:
             accelerator.scaler.load_state_dict(state["grad_scaler"])
-        self.batches.skip(state["micro_batches"], show_progress=accelerator.is_main_process)
-        checkpoint.restore_rng_state(rng, self.generators)  # last: replaying the data may draw random numbers
+        self.batches.skip(state["micro_batches"])
+        checkpoint.restore_rng_state(rng, self.generators)  # last: making the data iterator draws from the global RNG
         return int(state["step"])
 
 

@@ -198,3 +198,18 @@ def test_sharded_batches_deal_the_global_stream_round_robin_without_padding(num_
         assert all(len({keys[i] for i, _ in batch}) == 1 for batch in batches)
     with pytest.raises(ValueError, match="process_index 2"):
         ShardedBatches(sampler, 2, 2)
+
+
+@pytest.mark.parametrize("num_processes", [1, 2, 3])
+def test_sharded_batches_skip_resumes_each_process_where_it_stopped(num_processes: int) -> None:
+    """After `skip(c)` a process's stream continues at its own batch c, across epoch ends, without reading data."""
+    keys = ["a"] * 5 + ["b"] * 4 + ["c"] * 2  # 6 batches an epoch: epoch ends fall mid-round for 2 and 3 processes
+    sampler = BucketBatchSampler(keys, batch_size=2, seed=3, with_draw_seed=True)
+    for rank in range(num_processes):
+        iterator = iter(ShardedBatches(sampler, num_processes, rank))
+        uninterrupted = [next(iterator) for _ in range(20)]
+        for consumed in (0, 1, 2, 3, 5, 7, 12):
+            resumed = ShardedBatches(sampler, num_processes, rank)
+            resumed.skip(consumed)
+            iterator = iter(resumed)
+            assert [next(iterator) for _ in range(20 - consumed)] == uninterrupted[consumed:], (rank, consumed)
