@@ -25,8 +25,8 @@ from kontext_lora.model.quant import (
     quantized_nbytes,
 )
 from kontext_lora.model.tiny import TINY_TRANSFORMER
+from tests.model.tiny_lora import BASE, randomize_lora_b
 
-BASE = ["model.pretrained=unused", "data.datasets=[{path: unused}]", "lora.rank=4", "lora.alpha=4"]
 BACKEND = "aot_eager_decomp_partition"
 BOUNDS = {"fp8": 0.005, "nf4": 0.015}
 TINY_LINEARS = 2 * 14 + 2 * 6  # double blocks: 14 linears each (incl. norm1 / norm1_context); single blocks: 6
@@ -37,10 +37,7 @@ def _model(dtype: torch.dtype = torch.float32, preset: str = "attention") -> Flu
     torch.manual_seed(0)
     transformer = FluxTransformer2DModel(**TINY_TRANSFORMER).to(dtype)
     inject_lora(transformer, load_config(None, [*BASE, f"lora.preset={preset}"]).lora)
-    generator = torch.Generator().manual_seed(2)
-    for name, param in sorted(transformer.named_parameters()):
-        if "lora_B" in name:  # a non-zero adapter, so the LoRA path is part of every output compared
-            param.data.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    randomize_lora_b(transformer, 0.05)  # a non-zero adapter, so the LoRA path is part of every output compared
     return transformer
 
 

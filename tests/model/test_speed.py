@@ -8,16 +8,12 @@ import pytest
 import torch
 import torch._dynamo
 import torch._functorch.config as functorch_config
-from diffusers import FluxTransformer2DModel
 
 from kontext_lora.config import ConfigError, load_config
-from kontext_lora.model.lora import inject_lora, lora_parameters
-from kontext_lora.model.speed import _ContiguousGrad, apply_speed, set_attention_backend, transformer_blocks
-from kontext_lora.model.tiny import TINY_TRANSFORMER
+from kontext_lora.model.lora import lora_parameters
+from kontext_lora.model.speed import _ContiguousGrad, set_attention_backend, transformer_blocks
 from kontext_lora.train.loop import training_step
-from kontext_lora.train.objective import LatentBatch
-
-BASE = ["model.pretrained=unused", "data.datasets=[{path: unused}]", "lora.rank=4", "lora.alpha=4"]
+from tests.model.tiny_lora import BASE, tiny_batch, tiny_lora_model
 
 
 @pytest.fixture(autouse=True)
@@ -29,34 +25,10 @@ def _restore_global_state():
     torch._dynamo.reset()
 
 
-def _batch() -> LatentBatch:
-    generator = torch.Generator().manual_seed(1)
-    return LatentBatch(
-        target_latents=torch.randn(1, 16, 8, 8, generator=generator),
-        control_latents=torch.randn(1, 16, 8, 8, generator=generator),
-        prompt_embeds=torch.randn(1, 8, 32, generator=generator),
-        pooled_embeds=torch.randn(1, 32, generator=generator),
-    ).to("cpu", torch.bfloat16)
-
-
-def _model(overrides: list[str]):
-    """A bf16 tiny transformer with a rank-4 LoRA whose lora_B is random (so lora_A gets gradients too)."""
-    cfg = load_config(None, [*BASE, *overrides])
-    torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(**TINY_TRANSFORMER).to(torch.bfloat16)
-    inject_lora(transformer, cfg.lora)
-    generator = torch.Generator().manual_seed(2)
-    for name, param in sorted(transformer.named_parameters()):
-        if "lora_B" in name:
-            param.data.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-    applied = apply_speed(transformer, cfg.speed, cfg.train.gradient_checkpointing, torch.device("cpu"))
-    return transformer, cfg, applied
-
-
 def _loss_and_grads(overrides: list[str]) -> tuple[float, torch.Tensor, dict]:
-    transformer, cfg, applied = _model(overrides)
+    transformer, cfg, applied = tiny_lora_model(overrides)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # what accelerate's mixed_precision=bf16 wraps around forward
-        loss = training_step(transformer, _batch(), cfg, torch.Generator().manual_seed(3))
+        loss = training_step(transformer, tiny_batch(), cfg, torch.Generator().manual_seed(3))
     loss.backward()
     grads = torch.cat([p.grad.float().flatten() for p in lora_parameters(transformer)])
     return loss.item(), grads, applied
@@ -82,13 +54,13 @@ def test_fast_path_matches_the_eager_bf16_loss_and_lora_gradients() -> None:
 
 @pytest.mark.parametrize("fraction, recomputed", [(1.0, 4), (0.5, 2), (0.25, 1), (0.0, 0)])
 def test_checkpoint_fraction_recomputes_that_many_blocks_in_backward(fraction: float, recomputed: int) -> None:
-    transformer, _, applied = _model(
+    transformer, _, applied = tiny_lora_model(
         ["speed.compile=none", "train.gradient_checkpointing=true", f"speed.checkpoint_fraction={fraction}"]
     )
     calls = []
     for block in transformer_blocks(transformer):
         block.register_forward_pre_hook(lambda module, args: calls.append(module))
-    loss = training_step(transformer, _batch(), load_config(None, BASE), torch.Generator().manual_seed(3))
+    loss = training_step(transformer, tiny_batch(), load_config(None, BASE), torch.Generator().manual_seed(3))
     assert len(calls) == 4  # forward: every block once
     loss.backward()
     assert len(calls) - 4 == recomputed == applied["checkpointed_blocks"]  # backward: the checkpointed ones again

@@ -9,49 +9,28 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel
 
 from kontext_lora.config import load_config
 from kontext_lora.data.triples import TripleDataset, discover_triples
 from kontext_lora.model.load import load_pipeline
-from kontext_lora.model.lora import inject_lora, lora_parameters
+from kontext_lora.model.lora import lora_parameters
 from kontext_lora.model.speed import apply_speed, transformer_blocks
 from kontext_lora.model.swap import enable_block_swap, swapped_block_indices
-from kontext_lora.model.tiny import TINY_TRANSFORMER
 from kontext_lora.train.encode import encode_dataset
 from kontext_lora.train.loop import fit, training_step
-from kontext_lora.train.objective import LatentBatch
 from kontext_lora.train.optim import build_optimizer
+from tests.model.tiny_lora import BASE, tiny_batch, tiny_lora_model
 from tests.train.tiny_task import write_images
 
-BASE = ["model.pretrained=unused", "data.datasets=[{path: unused}]", "lora.rank=4", "lora.alpha=4", "train.lr=1e-2"]
+SWAP_BASE = ["train.lr=1e-2", "speed.compile=none"]
 CPU = torch.device("cpu")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _batch() -> LatentBatch:
-    generator = torch.Generator().manual_seed(1)
-    return LatentBatch(
-        target_latents=torch.randn(1, 16, 8, 8, generator=generator),
-        control_latents=torch.randn(1, 16, 8, 8, generator=generator),
-        prompt_embeds=torch.randn(1, 8, 32, generator=generator),
-        pooled_embeds=torch.randn(1, 32, generator=generator),
-    ).to("cpu", torch.bfloat16)
-
-
 def _model(overrides: list[str], swap: int):
-    """A bf16 tiny transformer, rank-4 LoRA with random lora_B (so lora_A gets gradients), apply_speed as fit does."""
-    cfg = load_config(None, [*BASE, "speed.compile=none", *overrides])
-    torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(**TINY_TRANSFORMER).to(torch.bfloat16)
-    inject_lora(transformer, cfg.lora)
-    generator = torch.Generator().manual_seed(2)
-    for name, param in sorted(transformer.named_parameters()):
-        if "lora_B" in name:
-            param.data.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-    applied = apply_speed(transformer, cfg.speed, cfg.train.gradient_checkpointing, CPU, block_swap=swap)
-    return transformer, cfg, applied
+    """The tiny LoRA model, eager, with `swap` blocks swapped (tests/model/tiny_lora.py)."""
+    return tiny_lora_model([*SWAP_BASE, *overrides], swap)
 
 
 def _frozen_bytes(block: torch.nn.Module) -> int:
@@ -68,7 +47,7 @@ def _train(overrides: list[str], swap: int, steps: int = 3):
     record, held = [], []
     for _ in range(steps):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = training_step(transformer, _batch(), cfg, generator)
+            loss = training_step(transformer, tiny_batch(), cfg, generator)
         loss.backward()
         record.append((loss.item(), torch.cat([p.grad.flatten() for p in params]).clone()))
         optimizer.step()
@@ -110,7 +89,7 @@ def test_at_most_two_swapped_blocks_are_resident_and_the_running_one_is(baseline
             )
         )
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = training_step(transformer, _batch(), cfg, torch.Generator().manual_seed(3))
+        loss = training_step(transformer, tiny_batch(), cfg, torch.Generator().manual_seed(3))
     loss.backward()
     assert loss.item() == baseline[0][0]
     assert len(seen) == 8  # 4 forward + 4 recomputed
@@ -127,7 +106,9 @@ def test_swap_composes_with_partial_checkpointing(baseline) -> None:
     for block in transformer_blocks(transformer):
         block.register_forward_pre_hook(lambda module, args: calls.append(module))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = training_step(transformer, _batch(), load_config(None, BASE), torch.Generator().manual_seed(3))
+        loss = training_step(
+            transformer, tiny_batch(), load_config(None, [*BASE, *SWAP_BASE]), torch.Generator().manual_seed(3)
+        )
     assert len(calls) == 4
     loss.backward()
     blocks = transformer_blocks(transformer)
@@ -138,7 +119,7 @@ def test_no_grad_forward_with_swap_matches_and_frees() -> None:
     """Validation/inference: blocks are called without the checkpointing hook; swapped ones still come and go."""
     plain, _, _ = _model([], 0)
     swapped, _, _ = _model([], 2)
-    batch = _batch()
+    batch = tiny_batch()
     inputs = dict(
         hidden_states=torch.randn(1, 32, 64, dtype=torch.bfloat16), encoder_hidden_states=batch.prompt_embeds,
         pooled_projections=batch.pooled_embeds, timestep=torch.tensor([0.5]), guidance=torch.tensor([1.0]),
@@ -205,7 +186,7 @@ def test_nf4_weights_swap_through_their_inner_tensors() -> None:
     for swap in (0, 4):
         transformer, cfg, _ = _nf4_model(swap)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = training_step(transformer, _batch(), cfg, torch.Generator().manual_seed(3))
+            loss = training_step(transformer, tiny_batch(), cfg, torch.Generator().manual_seed(3))
         loss.backward()
         results.append((loss.item(), torch.cat([p.grad.flatten() for p in lora_parameters(transformer)])))
     assert results[1][0] == results[0][0] and torch.equal(results[1][1], results[0][1])
@@ -221,7 +202,7 @@ def test_enable_block_swap_alone_frees_after_backward_with_keyword_calls(baselin
     assert enable_block_swap(transformer, 2, CPU) == [1, 3]
     assert not transformer.gradient_checkpointing
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = training_step(transformer, _batch(), cfg, torch.Generator().manual_seed(3))
+        loss = training_step(transformer, tiny_batch(), cfg, torch.Generator().manual_seed(3))
     loss.backward()
     grads = torch.cat([p.grad.flatten() for p in lora_parameters(transformer)])
     assert loss.item() == baseline[0][0] and torch.equal(grads, baseline[0][1])
