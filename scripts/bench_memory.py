@@ -28,7 +28,6 @@ import inspect
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_step import build_transformer, make_batch, randomize_lora_b  # noqa: E402
+from bench_step import build_transformer, last_lines, make_batch, randomize_lora_b, run_for_result  # noqa: E402
 
 GIB = 2**30
 EAGER_CKPT = ["speed.compile=none", "train.gradient_checkpointing=true"]
@@ -277,16 +276,9 @@ def main() -> None:
         print(f"== {name}: {' '.join(overrides)}; predicted {pred.peak_gib:.2f} GiB, {pred.s_per_step:.3f} s/step",
               flush=True)  # fmt: skip
         started = time.perf_counter()
-        try:
-            proc = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=env)
-            output = proc.stdout + proc.stderr
-        except subprocess.TimeoutExpired as exc:
-            output = f"{exc.stdout or ''}{exc.stderr or ''}\nTIMEOUT after {args.timeout} s"
-        found = [line for line in output.splitlines() if line.startswith("RESULT ")]
-        row = json.loads(found[-1][len("RESULT ") :]) if found else {"status": "timeout" if "TIMEOUT" in output
-                                                                     else "crash"}  # fmt: skip
-        if not found:
-            row["error"] = " | ".join([line for line in output.splitlines() if line.strip()][-3:])[-300:]
+        row, output = run_for_result(command, args.timeout, env)
+        if row is None:
+            row = {"status": "timeout" if "TIMEOUT" in output else "crash", "error": last_lines(output)[-300:]}
         row.update(name=name, res=spec["res"], budget_gib=budget, overrides=overrides, steps=steps, tiny=args.tiny,
                    predicted_peak_gib=pred.peak_gib, predicted_s_per_step=pred.s_per_step,
                    predicted_memory_gib=pred.memory_gib, wall_s=time.perf_counter() - started)  # fmt: skip

@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,19 +39,14 @@ def run_child(args: argparse.Namespace) -> None:
     from accelerate import Accelerator
 
     sys.path.insert(0, str(REPO))
-    from kontext_lora.config import load_config
     from kontext_lora.model.lora import inject_lora, lora_parameters
     from kontext_lora.model.speed import apply_speed
     from kontext_lora.train.loop import _deepspeed_batch_size, micro_batch_seed, training_step
     from kontext_lora.train.optim import build_optimizer
-    from scripts.bench_step import RANK, build_transformer, make_batch, randomize_lora_b
+    from scripts.bench_step import bench_config, build_transformer, make_batch, randomize_lora_b
 
     overrides = OVERRIDES if not args.tiny else ["speed.attention_backend=auto", "speed.compile=none"]
-    cfg = load_config(None, [
-        "model.pretrained=unused", "data.datasets=[{path: unused}]", f"lora.rank={RANK}", f"lora.alpha={RANK}",
-        "lora.preset=attention_mlp", "train.mixed_precision=bf16", "train.gradient_checkpointing=true",
-        "train.lr=1e-4", *overrides,
-    ])  # fmt: skip
+    cfg = bench_config(overrides)
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
     device = accelerator.device
     transformer = build_transformer(args.tiny, device)
@@ -127,18 +120,6 @@ def launch_command(mode: str, gpus: int, args: argparse.Namespace) -> list[str]:
             str(gpus), "--main_process_port", str(_free_port()), *child]  # fmt: skip
 
 
-def run_with_timeout(command: list[str], timeout: float, env: dict) -> str:
-    """Run `command` in its own process group and return its output; on timeout the whole group is killed (a launcher's
-    workers too, so no orphan keeps holding a GPU for the next configuration)."""
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
-                            start_new_session=True)  # fmt: skip
-    try:
-        return proc.communicate(timeout=timeout)[0]
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        return proc.communicate()[0] + f"\nTIMEOUT after {timeout} s"
-
-
 def plan(args: argparse.Namespace) -> list[tuple[str, int]]:
     """(mode, GPUs) to run: one 1-GPU baseline, then every mode on every larger GPU count."""
     runs = [("single", 1)] if 1 in args.gpus else []
@@ -167,6 +148,8 @@ def main() -> None:
         return run_child(args)
     args.timeout = args.timeout or (400 if args.tiny else 150)
 
+    from bench_step import last_lines, run_for_result
+
     env = {**os.environ, **NO_MULTICAST, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     if args.tiny:
         env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
@@ -177,18 +160,15 @@ def main() -> None:
         command = launch_command(mode, gpus, args)
         print(f"== {mode} on {gpus}: {' '.join(command)}", flush=True)
         started = time.perf_counter()
-        output = run_with_timeout(command, args.timeout, env)
-        results = [line for line in output.splitlines() if line.startswith("RESULT ")]
-        if results:
-            row = json.loads(results[-1][len("RESULT ") :])
-        else:
-            error = [line for line in output.splitlines() if line.strip()][-3:]
-            row = {"mode": mode, "gpus": gpus, "res": args.res, "error": " | ".join(error)[-300:]}
+        row, output = run_for_result(command, args.timeout, env, cwd=REPO)
+        if row is None:
+            row = {"mode": mode, "gpus": gpus, "res": args.res, "error": last_lines(output)[-300:]}
         row["wall_s"] = time.perf_counter() - started
         if "error" in row:  # the launcher's own traceback comes last: show the workers' error lines too
-            causes = [line for line in output.splitlines() if "Error" in line and "ChildFailedError" not in line]
-            row["error"] = " | ".join(dict.fromkeys(causes))[-600:] or row["error"]
-            print("\n".join(list(dict.fromkeys(causes))[:30]), flush=True)
+            lines = [line for line in output.splitlines() if "Error" in line and "ChildFailedError" not in line]
+            causes = list(dict.fromkeys(lines))  # each distinct line once, in order (every rank prints its own)
+            row["error"] = " | ".join(causes)[-600:] or row["error"]
+            print("\n".join(causes[:30]), flush=True)
         print(output[-1500:] if "error" in row else "\n".join(output.splitlines()[-3:]), flush=True)
         rows.append(row)
         args.out.write_text(json.dumps({"card": card, "rows": rows}, indent=1))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -210,23 +211,53 @@ def reference_step_fn(transformer: torch.nn.Module, batch, device: torch.device)
     return step
 
 
+def bench_config(overrides: list[str]):
+    """The benchmarks' config: the full model's LoRA (rank 16, the attention+MLP preset), bf16 mixed precision, every
+    block checkpointed, then `overrides`."""
+    from kontext_lora.config import load_config
+
+    return load_config(None, [
+        "model.pretrained=unused", "data.datasets=[{path: unused}]", f"lora.rank={RANK}", f"lora.alpha={RANK}",
+        "lora.preset=attention_mlp", "train.mixed_precision=bf16", "train.gradient_checkpointing=true",
+        "train.lr=1e-4", *overrides,
+    ])  # fmt: skip
+
+
+def run_for_result(
+    command: list[str], timeout: float, env: dict | None = None, cwd: Path | None = None
+) -> tuple[dict | None, str]:
+    """Run one benchmark child and return (its last `RESULT {json}` line parsed, or None; its output).
+
+    The child runs in its own process group, killed whole on timeout (a launcher's workers too, so no orphan keeps
+    holding a GPU for the next configuration); stdout and stderr come back interleaved as printed.
+    """
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd,
+                            start_new_session=True)  # fmt: skip
+    try:
+        output = proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output = proc.communicate()[0] + f"\nTIMEOUT after {timeout} s"
+    found = [line for line in output.splitlines() if line.startswith("RESULT ")]
+    return (json.loads(found[-1][len("RESULT ") :]) if found else None), output
+
+
+def last_lines(output: str, count: int = 3) -> str:
+    """The last `count` non-empty lines of a child's output, joined: the error a failed child's row records."""
+    return " | ".join([line for line in output.splitlines() if line.strip()][-count:])
+
+
 def ours_step_fn(transformer: torch.nn.Module, batch, device: torch.device, overrides: list[str]):
     """The project's path: inject_lora -> apply_speed -> accelerate -> training_step, as `fit` runs them."""
     from accelerate import Accelerator
 
-    from kontext_lora.config import load_config
     from kontext_lora.model.lora import inject_lora
     from kontext_lora.model.speed import apply_speed
     from kontext_lora.train.loop import training_step
     from kontext_lora.train.optim import build_optimizer
 
     diffusers_backend = [o[1:] for o in overrides if o.startswith("!")]
-    overrides = [o for o in overrides if not o.startswith("!")]
-    cfg = load_config(None, [
-        "model.pretrained=unused", "data.datasets=[{path: unused}]", f"lora.rank={RANK}", f"lora.alpha={RANK}",
-        "lora.preset=attention_mlp", "train.mixed_precision=bf16", "train.gradient_checkpointing=true",
-        "train.lr=1e-4", *overrides,
-    ])  # fmt: skip
+    cfg = bench_config([o for o in overrides if not o.startswith("!")])
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
     inject_lora(transformer, cfg.lora)
     params = randomize_lora_b(transformer)
@@ -388,17 +419,9 @@ def main() -> None:
             command += ["--layers", *map(str, args.layers)] if args.layers else []
             print(f"== {variant} @ {res}^2", flush=True)
             started = time.perf_counter()
-            try:
-                proc = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
-                output = proc.stdout + proc.stderr
-            except subprocess.TimeoutExpired as exc:
-                output = f"{exc.stdout or ''}{exc.stderr or ''}\nTIMEOUT after {args.timeout} s"
-            result_lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
-            if result_lines:
-                row = json.loads(result_lines[-1][len("RESULT ") :])
-            else:
-                error = [line for line in output.splitlines() if line.strip()][-3:]
-                row = {"variant": variant, "res": res, "error": " | ".join(error)[-300:]}
+            row, output = run_for_result(command, args.timeout)
+            if row is None:
+                row = {"variant": variant, "res": res, "error": last_lines(output)[-300:]}
             row["wall_s"] = time.perf_counter() - started
             print(output[-3000:] if "error" in row else "\n".join(output.splitlines()[-4:]), flush=True)
             row["dump"] = str(dump) if dump.exists() else None

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -107,6 +106,8 @@ def main() -> None:
     if args.child is not None:
         return run_child(args)
 
+    from bench_step import last_lines, run_for_result
+
     rows = []
     for index, swap in enumerate(args.swap):
         label = f"{swap}" + (" (again)" if swap in args.swap[:index] else "")
@@ -116,21 +117,11 @@ def main() -> None:
         command += ["--compile"] if args.compile else []
         print(f"== block_swap={label}", flush=True)
         started = time.perf_counter()
-        try:
-            proc = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
-            output = proc.stdout + proc.stderr
-        except subprocess.TimeoutExpired as exc:
-            output = f"{exc.stdout or ''}{exc.stderr or ''}\nTIMEOUT after {args.timeout} s"
-            output = output if isinstance(output, str) else output.decode(errors="replace")
-        found = [line for line in output.splitlines() if line.startswith("RESULT ")]
-        if found:
-            row = json.loads(found[-1][len("RESULT ") :])
+        row, output = run_for_result(command, args.timeout)
+        if row is not None:
             print("\n".join(line for line in output.splitlines() if "step" in line or "applied" in line), flush=True)
         else:
-            row = {
-                "swap": swap,
-                "error": " | ".join([line for line in output.splitlines() if line.strip()][-3:])[-400:],
-            }
+            row = {"swap": swap, "error": last_lines(output)[-400:]}
             print(output[-3000:], flush=True)
         row.update(label=label, wall_s=time.perf_counter() - started)
         rows.append(row)
