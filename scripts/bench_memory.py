@@ -24,7 +24,6 @@ steps) and the 1024^2 ones 10 (deviation over 10; their s/step is the median of 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import statistics
@@ -104,8 +103,7 @@ def _config(overrides: list[str]):
 
 
 def setup_memory_and_speed(transformer: torch.nn.Module, cfg, device: torch.device) -> dict:
-    """quantize_base -> block swap -> apply_speed, as fit() runs them (the quant and swap modules are imported only
-    when a configuration needs them)."""
+    """quantize_base -> apply_speed (which swaps memory.block_swap blocks), as fit() runs them."""
     from kontext_lora.model.speed import apply_speed
 
     applied: dict = {}
@@ -113,13 +111,7 @@ def setup_memory_and_speed(transformer: torch.nn.Module, cfg, device: torch.devi
         from kontext_lora.model.quant import quantize_base
 
         applied["quantized"] = quantize_base(transformer, cfg.memory.base_quant, device)
-    speed_args = inspect.signature(apply_speed).parameters
-    if cfg.memory.block_swap and "block_swap" not in speed_args:
-        from kontext_lora.model.swap import enable_block_swap
-
-        applied["swapped"] = len(enable_block_swap(transformer, cfg.memory.block_swap, device))
-    extra = {"block_swap": cfg.memory.block_swap} if "block_swap" in speed_args else {}
-    applied.update(apply_speed(transformer, cfg.speed, cfg.train.gradient_checkpointing, device, **extra))
+    applied.update(apply_speed(transformer, cfg.speed, cfg.train.gradient_checkpointing, device, cfg.memory.block_swap))
     return applied
 
 
@@ -175,7 +167,7 @@ def run_child(args: argparse.Namespace) -> None:
         result.update(status="OOM", error=str(exc).splitlines()[0][:200])
         if cuda:
             result["peak_gib"] = torch.cuda.max_memory_allocated(device) / GIB
-    except ImportError as exc:  # quant / swap modules not merged yet
+    except ImportError as exc:  # e.g. nf4 without torchao
         result.update(status="error", error=f"ImportError: {exc}")
     except RuntimeError as exc:  # an OOM raised inside a compiled graph can arrive wrapped
         if "out of memory" not in str(exc).lower():
