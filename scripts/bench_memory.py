@@ -55,6 +55,12 @@ CONFIGS: dict[str, dict] = {
     "fp8-swap-512@12": dict(
         res=512, budget=12, overrides=[*EAGER_CKPT, "memory.base_quant=fp8", "memory.block_swap=plan"], steps=50
     ),  # fmt: skip
+    "nf4-compile-512@12": dict(
+        res=512,
+        budget=12,
+        overrides=["memory.base_quant=nf4", "speed.compile=blocks", "train.gradient_checkpointing=true"],
+        steps=50,
+    ),  # fmt: skip
     "bf16-ckpt50-512": dict(res=512, budget=0, overrides=[*EAGER_CKPT, "speed.checkpoint_fraction=0.5"], steps=10),
     # Not in the default set: the planner's own choice (compiles: about a minute more each).
     "plan-1024@24": dict(res=1024, budget=24, overrides=["memory.budget_gib=24"], steps=10),

@@ -118,6 +118,36 @@ class Float8WeightLinear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8_e4m3 per-channel"
 
 
+def _nf4_flat(
+    data: torch.Tensor,
+    scalers: torch.Tensor,
+    factors: torch.Tensor,
+    mean: torch.Tensor,
+    lut: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Dequantize NF4 (torchao's layout) -> (numel,) in `dtype`: computed in float32 and rounded once, so that the compiled
+    and eager versions agree bit for bit (torchao's `get_original_weight` rounds the scales to the model's dtype).
+
+    data (numel/2,) uint8: two 4-bit codes a byte, first code in the high nibble; scalers (numel/64,) int8 block
+    scales, double-quantized with factors (numel/64/256,) and mean (); lut (16,) the NF4 code values.
+    """
+    block_scales = (scalers.view(factors.shape[0], -1) / factors.float()[:, None]).flatten() + mean.float()  # fp32
+    lut = lut.float()
+    codes = torch.stack([lut[(data >> 4).int()], lut[(data & 15).int()]], dim=-1)  # (numel/2, 2): interleaved
+    return (codes.view(block_scales.shape[0], -1) * block_scales[:, None]).flatten().to(dtype)
+
+
+# Eager, `_nf4_flat` is six kernels with int32 and bf16 intermediates several times the weight's size: about 0.7 s
+# a 512^2 step on an H100 (the nf4-512 row of docs/memory.md). Compiled, it is one fused kernel that reads the
+# 0.52 bytes a weight and writes the 2. torch.compile rather than a hand-written Triton kernel: the same code runs
+# (and is tested) on CPU, and inductor fuses the nibble unpacking, the table lookup and the scaling by itself. It is
+# compiled on its own, outside the blocks' graph, because the custom ops below are opaque to that graph.
+# dynamic=True: one kernel for every weight size rather than one compile per shape (there are six in FLUX.1).
+_nf4_flat_compiled = torch.compile(_nf4_flat, dynamic=True, fullgraph=True)
+COMPILED_DEQUANT_DEVICES = {"cuda"}  # where the fused kernel is used; CPU tests call it directly (test_quant.py)
+
+
 def _nf4_weight(
     data: torch.Tensor,
     scalers: torch.Tensor,
@@ -127,15 +157,9 @@ def _nf4_weight(
     shape: tuple[int, int],
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Dequantize NF4 (torchao's layout, as `NF4Tensor.get_original_weight`) -> (out, in) in `dtype`.
-
-    data (numel/2,) uint8: two 4-bit codes a byte, first code in the high nibble; scalers (numel/64,) int8 block
-    scales, double-quantized with factors (numel/64/256,) and mean (); lut (16,) the NF4 code values.
-    """
-    block_scales = (scalers.view(factors.shape[0], -1) / factors[:, None]).flatten().to(dtype) + mean.to(dtype)
-    lut = lut.to(dtype)
-    codes = torch.stack([lut[(data >> 4).int()], lut[(data & 15).int()]], dim=-1)  # (numel/2, 2): interleaved
-    return (codes.view(block_scales.shape[0], -1) * block_scales[:, None]).view(shape)
+    """The (out, in) = `shape` weight in `dtype`, dequantized by the fused kernel on CUDA and eagerly elsewhere."""
+    dequantize = _nf4_flat_compiled if data.device.type in COMPILED_DEQUANT_DEVICES else _nf4_flat
+    return dequantize(data, scalers, factors, mean, lut, dtype).view(shape)
 
 
 @torch.library.custom_op("kontext_lora::nf4_linear", mutates_args=())

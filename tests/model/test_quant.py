@@ -87,6 +87,25 @@ def test_bf16_compute_under_autocast_stays_close(one_thread) -> None:
     assert 0 < error < 0.008
 
 
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_fused_nf4_dequantization_equals_the_eager_one(weight_dtype: torch.dtype, one_thread) -> None:
+    """The compiled dequantization (used on CUDA) gives the eager result bit for bit, for two weight sizes through
+    one dynamic-shape kernel, in float32 and bf16; both stay within rounding of torchao's own dequantization."""
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+    from kontext_lora.model.quant import _nf4_flat, _nf4_flat_compiled
+
+    generator = torch.Generator().manual_seed(0)
+    for shape in ((128, 256), (64, 512)):
+        nf4 = to_nf4(torch.randn(*shape, generator=generator).to(weight_dtype), NF4_BLOCK, NF4_SCALER_BLOCK)
+        parts = (nf4.quantized_data, nf4.quantized_scalers, nf4.quantization_factor, nf4.scaler_mean, nf4.nf4)
+        for dtype in (torch.float32, torch.bfloat16):
+            fused, eager = _nf4_flat_compiled(*parts, dtype), _nf4_flat(*parts, dtype)
+            assert fused.dtype == dtype and fused.shape == (shape[0] * shape[1],)
+            assert torch.equal(fused, eager), (shape, dtype)
+            assert _relative_error(fused, nf4.get_original_weight().flatten()) < 0.005
+
+
 def test_quantized_bytes_are_exact_fractions_of_bf16() -> None:
     """fp8: 1 byte a weight + one fp32 scale a row (1/2 of bf16 + scales); nf4 (torchao's layout, bf16 model):
     half a byte a weight + one int8 scale per 64 + one bf16 factor per 64 * 256 + a bf16 mean and a 16-entry bf16
