@@ -1,6 +1,6 @@
-"""The fused (compiled) NF4 dequantization against the eager one on this machine's accelerator, at FLUX.1's weight
-shapes: bit equality and time per call. CPU equality is a test (tests/model/test_quant.py); this checks the CUDA
-kernel, which is what training uses there. Usage: python scripts/check_dequant.py
+"""The fused NF4 dequantization (kontext_lora/model/nf4_kernel.py, a Triton kernel) against the eager one, on this
+machine's GPU at FLUX.1's weight shapes: bit equality, time per call and bandwidth. The kernel runs only on CUDA,
+so no CPU test can run it; training uses it there. Usage: python scripts/check_dequant.py
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def main() -> None:
         layer = quant.NF4WeightLinear(linear)
         results, times = [], []
         for devices in (set(), {"cuda"}):  # eager, then the fused kernel that training uses on CUDA
-            quant.COMPILED_DEQUANT_DEVICES = devices
+            quant.FUSED_DEQUANT_DEVICES = devices
             results.append(layer.dequantized_weight(torch.bfloat16))
             timer = Timer("layer.dequantized_weight(torch.bfloat16)", globals={"layer": layer, "torch": torch})
             times.append(timer.blocked_autorange(min_run_time=0.5).median)

@@ -118,25 +118,7 @@ class Float8WeightLinear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8_e4m3 per-channel"
 
 
-def _nf4_blocks(data: torch.Tensor, block_scales: torch.Tensor, lut: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """NF4 codes times their block's scale: data (blocks, 32) uint8, two 4-bit codes a byte with the first code in
-    the high nibble; block_scales (blocks, 1) fp32; lut (16,) the NF4 code values -> (blocks, 64) in `dtype`.
-
-    Multiplied in float32 and rounded once, so the compiled and eager versions agree bit for bit."""
-    lut = lut.float()
-    codes = torch.stack([lut[(data >> 4).int()], lut[(data & 15).int()]], dim=-1)  # (blocks, 32, 2): interleaved
-    return (codes.view(data.shape[0], 2 * data.shape[1]) * block_scales).to(dtype)
-
-
-# Eager, `_nf4_blocks` is six kernels with int32 and float intermediates several times the weight's size: about
-# 0.7 s a 512^2 step on an H100 (the nf4-512 row of docs/memory.md). Compiled, it is one fused kernel that reads the
-# half byte a weight and writes the 2. torch.compile rather than a hand-written Triton kernel: the same code runs
-# (and is tested) on CPU, and inductor fuses the nibble unpacking, the table lookup and the scaling by itself. It is
-# compiled on its own, outside the blocks' graph, because the custom ops below are opaque to that graph.
-# dynamic=True: one kernel for every weight size (FLUX.1 has six); `_nf4_weight` hands it plain tensors under
-# no_grad, since dynamo specializes on a Parameter's shape and on the grad mode (494 layers hit the recompile limit).
-_nf4_blocks_compiled = torch.compile(_nf4_blocks, dynamic=True, fullgraph=True)
-COMPILED_DEQUANT_DEVICES = {"cuda"}  # where the fused kernel is used; CPU tests switch it on (test_quant.py)
+FUSED_DEQUANT_DEVICES = {"cuda"}  # where nf4_kernel.py's Triton kernel dequantizes (one kernel instead of six)
 
 
 def _nf4_weight(
@@ -150,15 +132,19 @@ def _nf4_weight(
 ) -> torch.Tensor:
     """Dequantize NF4 (torchao's layout, see `NF4WeightLinear`) -> the (out, in) = `shape` weight in `dtype`.
 
-    scalers (numel/64,) int8 block scales, double-quantized with factors (numel/64/256,) and mean (); their float32
-    scales (1/64 of the weights' count) are computed here, the weights by the fused kernel on CUDA, eagerly elsewhere.
-    torchao's `get_original_weight` rounds the scales to the model's dtype first: it differs by that rounding.
+    scalers (numel/64,) int8 block scales, double-quantized with factors (numel/64/256,) and mean (). On CUDA one
+    Triton kernel does it all; elsewhere six eager kernels do; both compute in float32 and round once, and agree bit
+    for bit (scripts/check_dequant.py on a GPU). torchao's `get_original_weight` rounds the scales to the
+    model's dtype first: it differs by that rounding.
     """
-    with torch.no_grad():
-        block_scales = scalers.detach().view(factors.shape[0], -1) / factors.detach().float()[:, None]
-        block_scales = block_scales.view(-1, 1) + mean.detach().float()  # (numel/64, 1) fp32
-        dequantize = _nf4_blocks_compiled if data.device.type in COMPILED_DEQUANT_DEVICES else _nf4_blocks
-        return dequantize(data.detach().view(-1, NF4_BLOCK // 2), block_scales, lut.detach(), dtype).view(shape)
+    if data.device.type in FUSED_DEQUANT_DEVICES:
+        from kontext_lora.model.nf4_kernel import nf4_dequantize_cuda
+
+        return nf4_dequantize_cuda(data, scalers, factors, mean, lut, dtype).view(shape)
+    block_scales = (scalers.view(factors.shape[0], -1) / factors.float()[:, None]).view(-1, 1) + mean.float()
+    lut = lut.float()
+    codes = torch.stack([lut[(data >> 4).int()], lut[(data & 15).int()]], dim=-1)  # (numel/2, 2): interleaved
+    return (codes.view(block_scales.shape[0], -1) * block_scales).to(dtype).view(shape)  # rounded once
 
 
 @torch.library.custom_op("kontext_lora::nf4_linear", mutates_args=())

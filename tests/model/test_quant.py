@@ -88,47 +88,21 @@ def test_bf16_compute_under_autocast_stays_close(one_thread) -> None:
 
 
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
-def test_fused_nf4_dequantization_equals_the_eager_one(weight_dtype: torch.dtype, monkeypatch, one_thread) -> None:
-    """The compiled dequantization (used on CUDA, switched on here for the CPU) gives the eager result bit for bit,
-    for layers of two sizes through one dynamic-shape kernel, in float32 and bf16, with and without grad mode; both
-    stay within rounding of torchao's own dequantization."""
+def test_nf4_dequantization_is_torchaos_within_rounding(weight_dtype: torch.dtype) -> None:
+    """The eager dequantization (the CPU path; on CUDA a Triton kernel that scripts/check_dequant.py compares with
+    it bit for bit) stays within rounding of torchao's own, which rounds the block scales to the weight's dtype."""
     from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
 
-    from kontext_lora.model import quant
+    from kontext_lora.model.quant import NF4WeightLinear
 
     torch.manual_seed(0)
-    linears = [torch.nn.Linear(i, o, bias=False).to(weight_dtype) for o, i in [(128, 256), (64, 512)]]
-    layers = [quant.NF4WeightLinear(linear) for linear in linears]
-    dtypes = (torch.float32, torch.bfloat16)
-    eager = [layer.dequantized_weight(dtype) for layer in layers for dtype in dtypes]
-    monkeypatch.setattr(quant, "COMPILED_DEQUANT_DEVICES", {"cpu"})
-    torch._dynamo.reset()
-    for grad in (True, False):
-        with torch.set_grad_enabled(grad):
-            fused = [layer.dequantized_weight(dtype) for layer in layers for dtype in dtypes]
-        assert all(torch.equal(f, e) and f.dtype == e.dtype for f, e in zip(fused, eager, strict=True))
-    # One compiled kernel per dtype, whatever the layer (Parameters of two sizes) and the grad mode.
-    assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(quant._nf4_blocks.__code__)) == len(dtypes)
-    for linear, layer in zip(linears, layers, strict=True):
-        reference = to_nf4(linear.weight.detach(), NF4_BLOCK, NF4_SCALER_BLOCK).get_original_weight()
-        assert _relative_error(layer.dequantized_weight(), reference) < 0.005
-
-
-def test_nf4_model_trains_the_same_with_the_fused_dequantization(monkeypatch, one_thread) -> None:
-    """The tiny nf4 model's output and LoRA gradients, forward and backward through the custom ops, are identical
-    with the compiled dequantization and the eager one (every layer, no recompile-limit failure)."""
-    from kontext_lora.model import quant
-
-    results = []
-    for devices in (set(), {"cpu"}):
-        monkeypatch.setattr(quant, "COMPILED_DEQUANT_DEVICES", devices)
-        transformer = _model(torch.bfloat16)
-        quantize_base(transformer, "nf4")
-        out = transformer(**_inputs(torch.bfloat16)).sample
-        out.float().square().mean().backward()
-        results.append([out, *(p.grad for p in lora_parameters(transformer))])
-    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
-    assert results[0][-1].abs().sum() > 0
+    for out_features, in_features in [(128, 256), (64, 512)]:
+        linear = torch.nn.Linear(in_features, out_features, bias=False).to(weight_dtype)
+        reference = to_nf4(linear.weight.detach(), NF4_BLOCK, NF4_SCALER_BLOCK).get_original_weight().float()
+        for dtype in (torch.float32, torch.bfloat16):
+            weight = NF4WeightLinear(linear).dequantized_weight(dtype)
+            assert weight.dtype == dtype and weight.shape == (out_features, in_features)
+            assert _relative_error(weight, reference) < (1e-6 if weight_dtype == dtype == torch.float32 else 5e-3)
 
 
 def test_quantized_bytes_are_exact_fractions_of_bf16() -> None:
