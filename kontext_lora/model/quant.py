@@ -49,12 +49,23 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 # keeps every layer's dequantized weight alive too (checked with saved_tensors_hooks).
 
 
+FUSED_DEQUANT_DEVICES = {"cuda"}  # where dequant_kernels.py's Triton kernels dequantize, in one pass a weight
+
+
+def _fp8_weight(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(out, in) e4m3 bits as uint8, (out,) fp32 row scales -> the (out, in) weight in `dtype`: multiplied in
+    float32 and rounded once, by one Triton kernel on CUDA (the same bits: scripts/check_dequant.py)."""
+    if qweight.device.type in FUSED_DEQUANT_DEVICES:
+        from kontext_lora.model.dequant_kernels import fp8_dequantize_cuda
+
+        return fp8_dequantize_cuda(qweight, scale, dtype)
+    return (qweight.view(torch.float8_e4m3fn).float() * scale[:, None]).to(dtype)
+
+
 @torch.library.custom_op("kontext_lora::fp8_linear", mutates_args=())
 def _fp8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """(..., in) -> (..., out): x @ Q^T * scale, Q the (out, in) e4m3 weight stored as uint8, scale (out,) fp32.
-
-    The per-channel scale is applied to the output columns, so the weight is only cast, never multiplied."""
-    return F.linear(x, qweight.view(torch.float8_e4m3fn).to(x.dtype)) * scale.to(x.dtype)
+    """(..., in) -> (..., out): x @ (Q * scale)^T, Q the (out, in) e4m3 weight stored as uint8, scale (out,) fp32."""
+    return F.linear(x, _fp8_weight(qweight, scale, x.dtype))
 
 
 @_fp8_linear.register_fake
@@ -65,7 +76,7 @@ def _(x, qweight, scale):
 @torch.library.custom_op("kontext_lora::fp8_linear_grad_input", mutates_args=())
 def _fp8_linear_grad_input(grad_out: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """(..., out) -> (..., in): the gradient w.r.t. the input of `_fp8_linear`."""
-    return (grad_out * scale.to(grad_out.dtype)) @ qweight.view(torch.float8_e4m3fn).to(grad_out.dtype)
+    return grad_out @ _fp8_weight(qweight, scale, grad_out.dtype)
 
 
 @_fp8_linear_grad_input.register_fake
@@ -106,7 +117,7 @@ class Float8WeightLinear(torch.nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out, in) weight this layer computes with, in `dtype` (a new tensor)."""
-        return self.qweight.view(torch.float8_e4m3fn).to(dtype) * self.scale.to(dtype)[:, None]
+        return _fp8_weight(self.qweight, self.scale, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(x)
@@ -116,9 +127,6 @@ class Float8WeightLinear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8_e4m3 per-channel"
-
-
-FUSED_DEQUANT_DEVICES = {"cuda"}  # where nf4_kernel.py's Triton kernel dequantizes (one kernel instead of six)
 
 
 def _nf4_weight(
@@ -138,7 +146,7 @@ def _nf4_weight(
     model's dtype first: it differs by that rounding.
     """
     if data.device.type in FUSED_DEQUANT_DEVICES:
-        from kontext_lora.model.nf4_kernel import nf4_dequantize_cuda
+        from kontext_lora.model.dequant_kernels import nf4_dequantize_cuda
 
         return nf4_dequantize_cuda(data, scalers, factors, mean, lut, dtype).view(shape)
     block_scales = (scalers.view(factors.shape[0], -1) / factors.float()[:, None]).view(-1, 1) + mean.float()

@@ -1,11 +1,13 @@
-"""One Triton kernel that dequantizes an NF4 weight (torchao's layout) on CUDA.
+"""Triton kernels that dequantize a frozen weight of quant.py on CUDA, one pass each: NF4 (torchao's layout) and fp8.
 
-Why by hand: eager PyTorch needs six kernels with int32 and float intermediates several times the weight's size
+Why by hand, for NF4: eager PyTorch needs six kernels with int32 and float intermediates several times the weight's size
 (about 0.7 s a 512^2 step on an H100), and a torch.compile'd dequantization, called from inside the opaque custom
 ops of quant.py, costs more in per-call Python overhead (guards, wrappers: ~0.2 ms each, 1482 calls a step) than it
 saves (measured: 1.90 s against 1.62 s a step). Neither torchao (its NF4Tensor dequantizes eagerly) nor
-bitsandbytes (not installed on the GPU machines, another weight layout) gives this one. Triton is imported only
-when the kernel first runs, so CPU-only installs never need it.
+bitsandbytes (not installed on the GPU machines, another weight layout) gives this one. For fp8: eager, the cast
+and the per-row scale are two kernels, and applying the scale to the matmul's OUTPUT instead (the first version)
+read and wrote every activation once more, about 0.2 s a 1024^2 step. Triton is imported only when a kernel first
+runs, so CPU-only installs never need it.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import functools
 
 import torch
 
-BYTES_PER_PROGRAM = 1024  # 2048 weights a program
+BYTES_PER_PROGRAM = 1024  # 2048 NF4 weights a program
+FP8_PER_PROGRAM = 2048
 
 
 @functools.cache
-def _kernel():
+def _nf4_kernel():
     import triton
     import triton.language as tl
 
@@ -53,5 +56,30 @@ def nf4_dequantize_cuda(
     `dtype`, equal bit for bit to quant.py's eager `_nf4_blocks` with the scales it computes (float32 throughout)."""
     out = torch.empty(2 * data.numel(), dtype=dtype, device=data.device)
     grid = (-(-data.numel() // BYTES_PER_PROGRAM),)
-    _kernel()[grid](data, scalers, factors, mean, lut, out, data.numel(), BLOCK=BYTES_PER_PROGRAM)
+    _nf4_kernel()[grid](data, scalers, factors, mean, lut, out, data.numel(), BLOCK=BYTES_PER_PROGRAM)
+    return out
+
+
+@functools.cache
+def _fp8_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def fp8_dequant(qweight, scale, out, n_elements, columns, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n_elements
+        q = tl.load(qweight + offsets, mask=mask, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        row_scale = tl.load(scale + offsets // columns, mask=mask, other=0.0)
+        tl.store(out + offsets, (q * row_scale).to(out.dtype.element_ty), mask=mask)  # rounded once
+
+    return fp8_dequant
+
+
+def fp8_dequantize_cuda(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(out, in) uint8 e4m3 bits, (out,) fp32 row scales -> (out, in) in `dtype`: e4m3 x scale in float32, rounded
+    once, equal bit for bit to quant.py's eager `_fp8_weight`."""
+    out = torch.empty(qweight.shape, dtype=dtype, device=qweight.device)
+    grid = (-(-qweight.numel() // FP8_PER_PROGRAM),)
+    _fp8_kernel()[grid](qweight, scale, out, qweight.numel(), qweight.shape[1], BLOCK=FP8_PER_PROGRAM)
     return out
