@@ -215,8 +215,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Import-time messages of optional dependencies that say nothing about the user's run: torchao's prebuilt CUDA
+# extensions that do not match this machine (we use only its pure-Python `to_nf4`), torch's notes to torchao about
+# Enum registration, bitsandbytes' CPU kernel hub and diffusers' torchao checkpoint types. PEFT and diffusers import
+# torchao / bitsandbytes whenever they are installed, so every run printed them. Only these loggers are raised to
+# ERROR; everything else keeps its level.
+_QUIET_LOGGERS = (
+    "torchao",
+    "torch.utils._pytree",
+    "bitsandbytes.backends.cpu.ops",
+    "diffusers.quantizers.torchao.torchao_quantizer",
+)
+
+
+def quiet_dependency_noise() -> None:
+    """Raise the loggers in `_QUIET_LOGGERS` to ERROR (before the dependencies are imported)."""
+    import logging
+
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    quiet_dependency_noise()
     if argv and argv[0] in _DELEGATED:
         import importlib
 

@@ -215,3 +215,19 @@ def test_config_error_fails_before_the_heavy_imports(tmp_path: Path):
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip().startswith("kontext-lora: error: config key `train.steps`")
+
+
+def test_optional_dependency_import_noise_is_silenced() -> None:
+    """Importing PEFT and diffusers (which import torchao when it is installed, as in [dev]) prints torchao's
+    extension-loading and Enum-registration messages; after `quiet_dependency_noise` (cli.main's first call) none."""
+    pytest.importorskip("torchao")
+    script = "import peft, diffusers.quantizers.torchao.torchao_quantizer"
+    quiet = "from kontext_lora.cli import quiet_dependency_noise; quiet_dependency_noise(); " + script
+    noisy, silenced = (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT_S, cwd=REPO)
+        for code in (script, quiet)
+    )
+    assert noisy.returncode == silenced.returncode == 0, noisy.stderr + silenced.stderr
+    assert "register_constant" in noisy.stderr  # without the call the messages appear: the check below can fail
+    for message in ("Failed to load", "register_constant", "Unable to import `torchao`"):
+        assert message not in silenced.stderr, silenced.stderr
