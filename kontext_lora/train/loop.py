@@ -400,10 +400,10 @@ class _TrainingState:
     def load(self, folder: Path) -> int:
         """Restore adapter, optimizer, scheduler, EMA, data position and RNG states; returns the step."""
         accelerator = self.accelerator
-        if accelerator.is_fsdp2 or accelerator.distributed_type == DistributedType.DEEPSPEED:
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
             raise TrainingError(
-                f"train.resume: resuming under {accelerator.distributed_type.value} is not supported yet; continue "
-                f"from the checkpoint's adapter instead: lora.init_from={folder / WEIGHT_NAME}"
+                f"train.resume: resuming under DeepSpeed is not supported yet; continue from the checkpoint's adapter "
+                f"instead: lora.init_from={folder / WEIGHT_NAME}"
             )
         try:
             state = checkpoint.read_state(folder, checkpoint.STATE_NAME)
@@ -420,13 +420,11 @@ class _TrainingState:
         tensors, _ = read_lora_file(folder / WEIGHT_NAME)
         try:
             adapter = {key.removeprefix("transformer."): value for key, value in tensors.items()}
-            load_adapter_state(accelerator.unwrap_model(self.transformer), adapter)
-            self.optimizer.load_state_dict(state["optimizer"])
+            if self.ema is not None and "ema" not in state:
+                raise ValueError("the checkpoint has no EMA state but ema.enabled=true")
+            restore_training_tensors(accelerator.unwrap_model(self.transformer), self.optimizer, self.ema, adapter,
+                                     state["optimizer"], state.get("ema"))  # fmt: skip
             self.scheduler.load_state_dict(state["scheduler"])
-            if self.ema is not None:
-                if "ema" not in state:
-                    raise ValueError("the checkpoint has no EMA state but ema.enabled=true")
-                self.ema.load_state(state["ema"])
         except (ValueError, KeyError, RuntimeError) as exc:
             raise TrainingError(f"train.resume: {folder} does not fit this config: {exc}") from None
         if accelerator.scaler is not None and "grad_scaler" in state:
@@ -434,6 +432,44 @@ class _TrainingState:
         self.batches.skip(state["micro_batches"])
         checkpoint.restore_rng_state(rng, self.generators)  # last: making the data iterator draws from the global RNG
         return int(state["step"])
+
+
+def restore_training_tensors(
+    transformer: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: AdapterEMA | None,
+    adapter: dict[str, torch.Tensor],
+    optimizer_state: dict,
+    ema_state: dict | None,
+) -> None:
+    """Load a checkpoint's whole tensors (as `_TrainingState.save` gathers them) into the (unwrapped) transformer's
+    adapter, the optimizer and the EMA. Under FSDP2 each tensor is first sharded like the parameter it belongs to,
+    every process keeping its own shard of the whole tensor it read (`_shard_like`): no communication."""
+    current, _ = adapter_state(transformer)  # PEFT key -> the live parameter (a DTensor under FSDP2)
+    load_adapter_state(transformer, {k: _shard_like(v, current[k]) if k in current else v for k, v in adapter.items()})
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    saved_ids = [index for group in optimizer_state["param_groups"] for index in group["params"]]
+    by_id = dict(zip(saved_ids, params, strict=False))  # a mismatch in count is reported by load_state_dict
+    state = {index: {key: _shard_like(value, by_id[index]) if index in by_id else value for key, value in s.items()}
+             for index, s in optimizer_state["state"].items()}  # fmt: skip
+    optimizer.load_state_dict({**optimizer_state, "state": state})
+    if ema is not None:
+        shadow = [_shard_like(t, p) for t, p in zip(ema_state["shadow_params"], ema.parameters, strict=False)]
+        ema.load_state({**ema_state, "shadow_params": shadow})
+
+
+def _shard_like(tensor, reference: torch.Tensor):
+    """`tensor` as a DTensor placed like `reference` when that is one of FSDP2's sharded parameters and `tensor` is
+    a whole tensor of its shape (Adam's moments, an EMA shadow, a LoRA weight); anything else (a step count, a
+    plain parameter's state) is returned as it is. The inverse of `_full_tensors` for a restore."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(reference, DTensor) or not torch.is_tensor(tensor) or isinstance(tensor, DTensor):
+        return tensor
+    if tensor.shape != reference.shape or tensor.dim() == 0:
+        return tensor
+    return distribute_tensor(tensor.to(reference.device), reference.device_mesh,
+                             reference.placements, src_data_rank=None)  # fmt: skip
 
 
 def _peak_gib(device: torch.device) -> float | None:

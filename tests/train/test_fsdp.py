@@ -118,3 +118,94 @@ def test_fsdp2_sharded_lora_trains_and_gathers_like_one_process(tiny_model_dir: 
     print(f"max |FSDP2 2 processes - 1 process with accumulation| over adapter and Adam moments = {difference:.2e}")
     assert difference < ATOL
     assert all(reference[key].abs().max() > 0 for key in reference if key.startswith("exp_avg"))  # gradients flowed
+
+
+def _resume_worker(rank: int, port: int, model_dir: Path, out: Path) -> None:
+    """Sharded run A trains 3 steps; at step 2 its adapter, Adam and EMA state are gathered whole and written, as a
+    checkpoint holds them. Run B, a fresh sharded model, reads and restores them (`restore_training_tensors`) and
+    trains step 3. A and B must end identical."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from kontext_lora.config import EmaConfig
+    from kontext_lora.model.speed import transformer_blocks
+    from kontext_lora.train.checkpoint import read_state, write_state
+    from kontext_lora.train.ema import AdapterEMA
+    from kontext_lora.train.loop import (
+        _full_adapter_state,
+        _full_tensors,
+        micro_batch_seed,
+        restore_training_tensors,
+        training_step,
+    )
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+
+    def sharded_run():
+        cfg, transformer, lora_parameters = _setup(model_dir)
+        for block in transformer_blocks(transformer):
+            fully_shard(block)
+        fully_shard(transformer)
+        params = lora_parameters(transformer)
+        return cfg, transformer, params, torch.optim.AdamW(params, lr=cfg.train.lr), AdapterEMA(params, EmaConfig())
+
+    def train(cfg, transformer, optimizer, ema, steps) -> None:
+        generator = torch.Generator()
+        for step in steps:
+            index = 2 * step + rank
+            generator.manual_seed(micro_batch_seed(0, index))
+            training_step(transformer, _batch(index), cfg, generator).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.update(step + 1)
+
+    try:
+        cfg, model_a, params_a, optimizer_a, ema_a = sharded_run()
+        train(cfg, model_a, optimizer_a, ema_a, range(2))
+        state = {"adapter": _full_adapter_state(model_a)[0], "optimizer": _full_tensors(optimizer_a.state_dict()),
+                 "ema": _full_tensors(ema_a.state()), "rng": torch.get_rng_state()}  # fmt: skip
+        folder = out.parent / f"checkpoint-{rank}"  # through the disk, as a checkpoint goes (no aliasing of A's state)
+        folder.mkdir()
+        write_state(folder, "state", state)
+        train(cfg, model_a, optimizer_a, ema_a, [2])
+
+        cfg, model_b, params_b, optimizer_b, ema_b = sharded_run()
+        pairs = zip(params_a, params_b, strict=True)
+        assert not any(torch.equal(a.full_tensor(), b.full_tensor()) for a, b in pairs)  # B starts elsewhere
+        state = read_state(folder, "state")
+        restore_training_tensors(model_b, optimizer_b, ema_b, state["adapter"], state["optimizer"], state["ema"])
+        torch.set_rng_state(state["rng"])
+        moments = [s["exp_avg"] for s in optimizer_b.state.values()]
+        assert moments and all(
+            isinstance(m, DTensor) and m.placements == p.placements for m, p in zip(moments, params_b, strict=True)
+        )
+        train(cfg, model_b, optimizer_b, ema_b, [2])
+
+        results = {}
+        for name, model, optimizer, ema in (("a", model_a, optimizer_a, ema_a), ("b", model_b, optimizer_b, ema_b)):
+            adapter = _full_adapter_state(model)[0]
+            exp_avg = _full_tensors(optimizer.state_dict())["state"]
+            shadow = _full_tensors(ema.state())["shadow_params"]
+            results.update({f"{name}.{k}": v for k, v in adapter.items()})
+            results.update({f"{name}.exp_avg.{i}": v["exp_avg"] for i, v in exp_avg.items()})
+            results.update({f"{name}.ema.{i}": v.float() for i, v in enumerate(shadow)})
+        if rank == 0:
+            save_file(results, str(out))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_fsdp2_resume_restores_the_sharded_adapter_optimizer_and_ema(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "resumed.safetensors"
+    mp.start_processes(_resume_worker, args=(port, tiny_model_dir, out), nprocs=2, start_method="fork")
+    results = load_file(str(out))
+    keys = [key[2:] for key in results if key.startswith("a.")]
+    assert any("lora_A" in k for k in keys) and any("exp_avg" in k for k in keys) and any("ema" in k for k in keys)
+    differ = sorted(key for key in keys if not torch.equal(results[f"a.{key}"], results[f"b.{key}"]))
+    assert not differ, f"{len(differ)} of {len(keys)} differ, e.g. {differ[:3]}"
