@@ -42,6 +42,27 @@ def _setup(model_dir: Path):
     return cfg, transformer, lora_parameters
 
 
+def _sharded(model_dir: Path):
+    """`_setup` with each Flux block, then the root, wrapped by `fully_shard` (accelerate's FSDP2 units)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from kontext_lora.model.speed import transformer_blocks
+
+    cfg, transformer, lora_parameters = _setup(model_dir)
+    for block in transformer_blocks(transformer):
+        fully_shard(block)
+    fully_shard(transformer)
+    return cfg, transformer, lora_parameters(transformer)
+
+
+def _spawn(worker, model_dir: Path, out: Path, join: bool = True):
+    """Start `worker(rank, port, model_dir, out)` in 2 forked processes that meet over gloo on a free port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return mp.start_processes(worker, args=(port, model_dir, out), nprocs=2, join=join, start_method="fork")
+
+
 def _batch(index: int):
     from kontext_lora.train.objective import LatentBatch
 
@@ -51,21 +72,15 @@ def _batch(index: int):
 
 
 def _sharded_worker(rank: int, port: int, model_dir: Path, out: Path) -> None:
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    from kontext_lora.model.speed import transformer_blocks
     from kontext_lora.train.loop import _full_adapter_state, _full_tensors, micro_batch_seed, training_step
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        cfg, transformer, lora_parameters = _setup(model_dir)
-        for block in transformer_blocks(transformer):
-            fully_shard(block)
-        fully_shard(transformer)
-        params = lora_parameters(transformer)
+        cfg, transformer, params = _sharded(model_dir)
         assert all(isinstance(p, DTensor) and p.to_local().shape[0] < p.shape[0] for p in params)
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr)
         generator = torch.Generator()
@@ -102,12 +117,8 @@ def _unsharded(model_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.usefixtures("one_thread")
 def test_fsdp2_sharded_lora_trains_and_gathers_like_one_process(tiny_model_dir: Path, tmp_path: Path) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     out = tmp_path / "sharded.safetensors"
-    context = mp.start_processes(_sharded_worker, args=(port, tiny_model_dir, out), nprocs=2, join=False,
-                                 start_method="fork")  # fmt: skip
+    context = _spawn(_sharded_worker, tiny_model_dir, out, join=False)
     reference = _unsharded(tiny_model_dir)
     while not context.join(timeout=60):
         pass
@@ -124,11 +135,9 @@ def _resume_worker(rank: int, port: int, model_dir: Path, out: Path) -> None:
     """Sharded run A trains 3 steps; at step 2 its adapter, Adam and EMA state are gathered whole and written, as a
     checkpoint holds them. Run B, a fresh sharded model, reads and restores them (`restore_training_tensors`) and
     trains step 3. A and B must end identical."""
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
     from kontext_lora.config import EmaConfig
-    from kontext_lora.model.speed import transformer_blocks
     from kontext_lora.train.checkpoint import read_state, write_state
     from kontext_lora.train.ema import AdapterEMA
     from kontext_lora.train.loop import (
@@ -144,11 +153,7 @@ def _resume_worker(rank: int, port: int, model_dir: Path, out: Path) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
 
     def sharded_run():
-        cfg, transformer, lora_parameters = _setup(model_dir)
-        for block in transformer_blocks(transformer):
-            fully_shard(block)
-        fully_shard(transformer)
-        params = lora_parameters(transformer)
+        cfg, transformer, params = _sharded(model_dir)
         return cfg, transformer, params, torch.optim.AdamW(params, lr=cfg.train.lr), AdapterEMA(params, EmaConfig())
 
     def train(cfg, transformer, optimizer, ema, steps) -> None:
@@ -199,11 +204,8 @@ def _resume_worker(rank: int, port: int, model_dir: Path, out: Path) -> None:
 
 @pytest.mark.usefixtures("one_thread")
 def test_fsdp2_resume_restores_the_sharded_adapter_optimizer_and_ema(tiny_model_dir: Path, tmp_path: Path) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     out = tmp_path / "resumed.safetensors"
-    mp.start_processes(_resume_worker, args=(port, tiny_model_dir, out), nprocs=2, start_method="fork")
+    _spawn(_resume_worker, tiny_model_dir, out)
     results = load_file(str(out))
     keys = [key[2:] for key in results if key.startswith("a.")]
     assert any("lora_A" in k for k in keys) and any("exp_avg" in k for k in keys) and any("ema" in k for k in keys)
