@@ -126,8 +126,9 @@ class Validator:
     def run(self, step: int, transformer: torch.nn.Module, save_adapter, ema=None) -> dict[str, Any]:
         """Validate the (unwrapped) transformer at `step`; returns the metrics record written to metrics.jsonl.
 
-        Every process runs it (same weights, same seeds) so that the best-adapter save stays collective; only the
-        main process writes files.
+        Under DDP the loss chunks and the sampled items are shared out across the processes and the results gathered
+        (`_share`); under FSDP2 (a collective forward) and DeepSpeed every process runs all of it. Either way every
+        process ends with the same record, so the best-adapter save stays collective; only the main process writes.
         """
         use_ema = self.cfg.validation.use_ema and ema is not None
         devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
@@ -145,18 +146,43 @@ class Validator:
         self._update_best(step, record, save_adapter)
         return record
 
+    @property
+    def _sharing(self) -> int:
+        """How many processes share validation's work: all of them under DDP, where the unwrapped module's forward
+        has no collective (so processes may run different counts); 1 otherwise (FSDP2's forward is collective)."""
+        accelerator = self.accelerator
+        return accelerator.num_processes if accelerator.distributed_type.name.startswith("MULTI_") else 1
+
+    def _share(self, jobs: int) -> range:
+        """The job indices (of `jobs`) this process runs: every N-th from its rank when N processes share."""
+        return range(self.accelerator.process_index, jobs, self._sharing) if self._sharing > 1 else range(jobs)
+
+    def _gather(self, results: list[tuple[int, Any]]) -> list[Any]:
+        """Every process's (job index, result) pairs, on every process, as results in job order."""
+        if self._sharing > 1:
+            from accelerate.utils import gather_object
+
+            results = sorted(gather_object(results), key=lambda pair: pair[0])
+        return [result for _, result in results]
+
     @torch.no_grad()
     def heldout_loss(self, transformer: torch.nn.Module, chunk: int = 8) -> float:
-        """Mean flow-matching loss over the held-out items x validation.sigmas, with the fixed noise."""
-        device, batch, total, count = self.accelerator.device, self.loss_batch, 0.0, 0
-        for sigma in self.cfg.validation.sigmas:
-            for start in range(0, batch.target_latents.shape[0], chunk):
-                part = _rows(batch, start, start + chunk).to(device)
-                noise = self.loss_noise[start : start + chunk].to(device)
-                sigmas = torch.full((noise.shape[0],), float(sigma), device=device)
-                with self.accelerator.autocast():
-                    loss = flow_matching_loss(transformer, part, sigmas, noise, self.cfg.model.guidance)
-                total, count = total + loss.item() * noise.shape[0], count + noise.shape[0]
+        """Mean flow-matching loss over the held-out items x validation.sigmas, with the fixed noise; summed in the
+        same (sigma, chunk) order however many processes share the chunks, so the value does not depend on N."""
+        device, batch = self.accelerator.device, self.loss_batch
+        jobs = [(s, start) for s in self.cfg.validation.sigmas for start in range(0, len(self.loss_noise), chunk)]
+        results = []
+        for job in self._share(len(jobs)):
+            sigma, start = jobs[job]
+            part = _rows(batch, start, start + chunk).to(device)
+            noise = self.loss_noise[start : start + chunk].to(device)
+            sigmas = torch.full((noise.shape[0],), float(sigma), device=device)
+            with self.accelerator.autocast():
+                loss = flow_matching_loss(transformer, part, sigmas, noise, self.cfg.model.guidance)
+            results.append((job, (loss.item() * noise.shape[0], noise.shape[0])))
+        total, count = 0.0, 0
+        for weighted, size in self._gather(results):
+            total, count = total + weighted, count + size
         return total / count
 
     @torch.no_grad()
@@ -166,7 +192,9 @@ class Validator:
                                    text_encoder_2=None, tokenizer_2=None, transformer=transformer)  # fmt: skip
         pipe.set_progress_bar_config(disable=True)
         size, device, outputs = self.cfg.data.resolution, self.accelerator.device, []
-        for i, item in enumerate(self.items[: self.cfg.validation.max_images]):
+        items = self.items[: self.cfg.validation.max_images]
+        for i in self._share(len(items)):
+            item = items[i]
             with self.accelerator.autocast():
                 image = pipe(
                     image=item.control, prompt_embeds=self.prompt_embeds[i : i + 1].to(device),
@@ -175,8 +203,8 @@ class Validator:
                     guidance_scale=self.cfg.validation.guidance, output_type="np",
                     generator=torch.Generator().manual_seed(self.cfg.validation.seed + i),
                 ).images[0]  # fmt: skip
-            outputs.append(np.clip(image.astype(np.float32), 0.0, 1.0))
-        return outputs
+            outputs.append((i, np.clip(image.astype(np.float32), 0.0, 1.0)))
+        return self._gather(outputs)
 
     # ------------------------------------------------------------------------------------------------ metrics
 

@@ -4,7 +4,8 @@
 (preflight, cache, fit, saving) on the example photos: global micro-batch k goes to process k % 2 (ShardedBatches),
 its noise and sigmas are seeded by k alone, and DDP's gradient mean is accumulation's mean. Batches of 3 over 8
 triples give 3-batch epochs (3, 3, 2 samples), so steps span epochs and ranks see different batch sizes.
-A 2-process run resumed from its step-4 checkpoint ends with the same adapter, bit for bit.
+A 2-process run resumed from its step-4 checkpoint ends with the same adapter, bit for bit. Validation runs at
+steps 3 and 6 in each: shared out across the 2 processes, it records what the one process records.
 The 2-process run is `torchrun --nproc_per_node 2 train.py` with ACCELERATE_USE_CPU=1, which accelerate turns into
 MULTI_CPU over gloo (`accelerate launch` starts several CPU processes only through mpirun).
 """
@@ -41,6 +42,7 @@ train: {{steps: {STEPS}, batch_size: 3, gradient_accumulation: {accumulation}, l
         warmup_steps: 2, seed: 3, resume: latest}}
 output: {{dir: "{out}", save_every: {save_every}}}
 logging: {{report_to: none}}
+validation: {{every: 3, heldout_path: "{EXAMPLES}", max_images: 3, steps: 2}}
 """
     )
     return path
@@ -76,8 +78,16 @@ def _max_difference(a: Path, b: Path) -> float:
     return max((first[key] - second[key]).abs().max().item() for key in first)
 
 
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def _losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [record["loss"] for record in _records(run) if "loss" in record]
+
+
+def _validations(run: Path) -> list[dict]:
+    return [record for record in _records(run) if "heldout_loss" in record]
 
 
 def test_two_processes_train_the_adapter_one_process_trains_with_accumulation(
@@ -109,6 +119,15 @@ def test_two_processes_train_the_adapter_one_process_trains_with_accumulation(
     assert _losses(two) == pytest.approx(_losses(one), abs=1e-5)
     assert _max_difference(resumed / adapter, two / adapter) == 0.0
     assert _losses(resumed) == _losses(two)
+    # Validation (steps 3 and 6): the 2 processes share the loss chunks and the 3 sampled items and gather them;
+    # the record is the one process's, the grids are all written, once.
+    one_val, two_val = _validations(one), _validations(two)
+    assert [r["step"] for r in two_val] == [r["step"] for r in one_val] == [3, 6]
+    for a, b in zip(one_val, two_val, strict=True):
+        assert set(a) == set(b) and {"heldout_loss", "edit_l1", "edit_psnr"} <= set(a)
+        assert all(b[key] == pytest.approx(a[key], rel=1e-4) for key in a if a[key] is not None)
+    assert len(list((two / "validation" / "step-000003").glob("*.png"))) == 3
+    assert (two / "best" / adapter).exists()
     # Only the main process writes run files: one metrics line per step, one adapter, no per-rank leftovers.
     assert len(_losses(two)) == STEPS
     assert sorted(p.name for p in two.iterdir() if p.suffix == ".safetensors") == [adapter]
