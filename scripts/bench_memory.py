@@ -109,16 +109,13 @@ def _config(overrides: list[str]):
 
 
 def setup_memory_and_speed(transformer: torch.nn.Module, cfg, device: torch.device) -> dict:
-    """quantize_base -> apply_speed (which swaps memory.block_swap blocks), as fit() runs them."""
-    from kontext_lora.model.speed import apply_speed
+    """fit()'s own set-up (`apply_memory_and_speed`), with the count of quantized linears added to the record."""
+    from kontext_lora.model.quant import quantization_report
+    from kontext_lora.model.speed import apply_memory_and_speed
 
-    applied: dict = {}
-    if cfg.memory.base_quant != "none":
-        from kontext_lora.model.quant import quantize_base
-
-        applied["quantized"] = quantize_base(transformer, cfg.memory.base_quant, device)
-    applied.update(apply_speed(transformer, cfg.speed, cfg.train.gradient_checkpointing, device, cfg.memory.block_swap))
-    return applied
+    applied = apply_memory_and_speed(transformer, cfg, device)
+    report = quantization_report(transformer)
+    return {"quantized": report["linears"], **applied} if report else applied
 
 
 def run_child(args: argparse.Namespace) -> None:

@@ -6,8 +6,8 @@ failing kernel cannot poison the next variant; memory peaks are per variant):
 
 - `reference`: the loop of diffusers' train_dreambooth_lora_flux_kontext.py: bf16 base, fp32 LoRA params under
   autocast, eager, every block checkpointed, foreach AdamW, PyTorch's default attention kernel.
-- `ours-*`: the project's own `training_step` (the function `fit` runs) after `apply_speed` with the variant's
-  `speed.*` / `train.*` overrides, under accelerate (bf16 mixed precision) as in training.
+- `ours-*`: the project's own `training_step` (the function `fit` runs) after `apply_memory_and_speed` with the
+  variant's `speed.*` / `memory.*` / `train.*` overrides, under accelerate (bf16 mixed precision) as in training.
 
 Every variant starts from the same LoRA (lora_B drawn at random so lora_A gets gradients too) and the same noise;
 the first step's loss and LoRA gradients are saved, and the table gives their relative error against `ours-eager`
@@ -263,11 +263,11 @@ def last_lines(output: str, count: int = 3) -> str:
 
 
 def ours_step_fn(transformer: torch.nn.Module, batch, device: torch.device, overrides: list[str]):
-    """The project's path: inject_lora -> apply_speed -> accelerate -> training_step, as `fit` runs them."""
+    """The project's path: inject_lora -> apply_memory_and_speed -> accelerate -> training_step, as `fit` runs them."""
     from accelerate import Accelerator
 
     from kontext_lora.model.lora import inject_lora
-    from kontext_lora.model.speed import apply_speed
+    from kontext_lora.model.speed import apply_memory_and_speed
     from kontext_lora.train.loop import training_step
     from kontext_lora.train.optim import build_optimizer
 
@@ -276,11 +276,7 @@ def ours_step_fn(transformer: torch.nn.Module, batch, device: torch.device, over
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
     inject_lora(transformer, cfg.lora)
     params = randomize_lora_b(transformer)
-    if cfg.memory.base_quant != "none":  # after the LoRA, before apply_speed (compile last), as fit() runs it
-        from kontext_lora.model.quant import quantize_base
-
-        quantize_base(transformer, cfg.memory.base_quant, device)
-    applied = apply_speed(transformer, cfg.speed, cfg.train.gradient_checkpointing, device, cfg.memory.block_swap)
+    applied = apply_memory_and_speed(transformer, cfg, device)  # memory.base_quant, then speed.*, as fit() does
     if "nofix" in diffusers_backend:  # the cuDNN diagnostic without our gradient-layout hooks
         for handle in transformer._kontext_grad_hooks:
             handle.remove()

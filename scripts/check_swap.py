@@ -2,7 +2,7 @@
 
 Each config runs in its own process (peaks are per process; a crash cannot poison the next): it builds FLUX.1-Kontext's
 transformer (12B, random bf16, scripts/bench_step.py), injects the same LoRA (lora_B drawn with a fixed seed),
-applies `memory.block_swap=N` through the project's own path (`ours_step_fn`: inject_lora -> apply_speed ->
+applies `memory.block_swap=N` through the project's own path (`ours_step_fn`: inject_lora -> apply_memory_and_speed ->
 accelerate -> training_step, every block checkpointed, eager), then trains `--steps` steps at each resolution in
 turn with the same noise. N=0 runs twice: its second run is the floor of the GPU's own nondeterminism, against which
 the swapped runs' loss differences are judged (0 when the kernels are deterministic).

@@ -11,7 +11,8 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from kontext_lora.config import SpeedConfig
+from kontext_lora.config import Config, SpeedConfig
+from kontext_lora.model.quant import quantize_base
 from kontext_lora.model.swap import enable_block_swap, is_swapped, swapped_bytes
 
 # PyTorch's SDPA kernels, switched process-wide (see `set_attention_backend`).
@@ -203,3 +204,12 @@ def apply_speed(
 
 def _wants_compile(setting: str, device: torch.device) -> bool:
     return setting == "blocks" or (setting == "auto" and device.type == "cuda")
+
+
+def apply_memory_and_speed(transformer: torch.nn.Module, cfg: Config, device: torch.device) -> dict[str, object]:
+    """`memory.base_quant` (quantize_base), then the `speed.*` options and `memory.block_swap` (apply_speed), in the
+    order training needs: after inject_lora (PEFT must see the float weights), compile last. Returns apply_speed's
+    record. fit() and the benchmark scripts all set a model up through this one function."""
+    if cfg.memory.base_quant != "none":
+        quantize_base(transformer, cfg.memory.base_quant, device)
+    return apply_speed(transformer, cfg.speed, cfg.train.gradient_checkpointing, device, cfg.memory.block_swap)

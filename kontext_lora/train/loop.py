@@ -24,8 +24,8 @@ from kontext_lora.export.diffusers_format import WEIGHT_NAME, read_lora_file, sa
 from kontext_lora.export.formats import read_adapter, write_exports
 from kontext_lora.model.load import load_transformer
 from kontext_lora.model.lora import adapter_state, inject_lora, load_adapter_state, lora_parameters
-from kontext_lora.model.quant import quantization_report, quantize_base
-from kontext_lora.model.speed import apply_speed
+from kontext_lora.model.quant import quantization_report
+from kontext_lora.model.speed import apply_memory_and_speed
 from kontext_lora.planner import apply_budget
 from kontext_lora.train import checkpoint
 from kontext_lora.train.ema import EMA_WEIGHT_NAME, AdapterEMA
@@ -183,10 +183,7 @@ def fit(
     inject_lora(transformer, cfg.lora)
     if cfg.lora.init_from:
         _init_from_file(transformer, cfg)
-    if cfg.memory.base_quant != "none":  # after inject_lora (PEFT sees bf16 weights), before compile
-        quantize_base(transformer, cfg.memory.base_quant, accelerator.device)
-    applied = apply_speed(transformer, cfg.speed, cfg.train.gradient_checkpointing, accelerator.device,
-                          block_swap=cfg.memory.block_swap)  # fmt: skip
+    applied = apply_memory_and_speed(transformer, cfg, accelerator.device)
     accelerator.print(f"[kontext-lora] fast path: {applied}, base_quant: {quantization_report(transformer)}")
     params = lora_parameters(transformer)
 
