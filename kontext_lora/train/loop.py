@@ -523,7 +523,7 @@ def _saver(accelerator: Accelerator, transformer: torch.nn.Module, cfg: Config, 
                 "resolution": cfg.data.resolution,
                 "config": to_dict(cfg),
             }
-            save_diffusers_lora(path, {k: v.float() for k, v in state.items()}, peft_config, info)
+            save_diffusers_lora(path, state, peft_config, info)  # float32 already (_full_adapter_state)
             if ema_state is not None:
                 save_diffusers_lora(folder / EMA_WEIGHT_NAME, ema_state, peft_config, {**info, "ema": True})
             extra = [fmt for fmt in cfg.output.export_formats if fmt != "diffusers"]
@@ -537,11 +537,8 @@ def _saver(accelerator: Accelerator, transformer: torch.nn.Module, cfg: Config, 
 def _full_adapter_state(transformer: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     """adapter_state() with whole float32 tensors, on every process: a sharded (FSDP2 DTensor) LoRA tensor is
     gathered with `full_tensor()`, a collective, so every process must call this; the frozen base is never read."""
-    from torch.distributed.tensor import DTensor
-
     state, peft_config = adapter_state(transformer)
-    full = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().float().clone() for k, v in state.items()}
-    return full, peft_config
+    return {k: v.detach().float().clone() for k, v in _full_tensors(state).items()}, peft_config
 
 
 def _full_tensors(tree):
