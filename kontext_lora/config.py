@@ -306,7 +306,19 @@ class SpeedConfig:
     activation_budget: float = opt(
         1.0, "With compile: fraction of each block's activations kept for backward; the compiler recomputes the rest."
     )
-    fp8_base: bool = opt(False, "Frozen base linears as torchao float8 matmuls (GPUs with fp8 tensor cores).")
+    keep_attention: bool = opt(
+        False, "With compile: never recompute the attention forward; an activation budget recomputes other work."
+    )
+    cuda_graphs: bool = opt(
+        False,
+        "With compile on CUDA: replay each compiled block as a CUDA graph (inductor's cudagraph trees), for steps the "
+        "CPU's kernel launches limit (512^2 and below); needs train.gradient_accumulation=1.",
+    )
+    fp8_base: bool = opt(
+        False,
+        "fp8 matmuls for the frozen base linears (GPUs with fp8 tensor cores): with memory.base_quant=fp8 on the "
+        "stored e4m3 weights, else torchao float8 on the bf16 base.",
+    )
 
 
 @dataclass
@@ -468,10 +480,14 @@ def _check_values(cfg: Config) -> None:
     if cfg.memory.block_swap < 0 or cfg.memory.budget_gib < 0:
         key = "memory.block_swap" if cfg.memory.block_swap < 0 else "memory.budget_gib"
         raise ConfigError(f"config key `{key}`: must be >= 0, got {getattr(cfg.memory, key.split('.')[1])}")
-    if cfg.memory.base_quant != "none" and cfg.speed.fp8_base:
+    if cfg.speed.cuda_graphs and (cfg.speed.compile == "none" or cfg.train.gradient_accumulation != 1):
         raise ConfigError(
-            f"config key `speed.fp8_base`: float8 matmuls of a bf16 base do not combine with memory.base_quant="
-            f"{cfg.memory.base_quant} (a quantized base); set one of them"
+            "config key `speed.cuda_graphs`: needs speed.compile=blocks or auto and train.gradient_accumulation=1 "
+            "(a graph replay reuses the memory that an accumulated gradient would still hold)"
+        )
+    if cfg.memory.base_quant == "nf4" and cfg.speed.fp8_base:
+        raise ConfigError(
+            "config key `speed.fp8_base`: fp8 matmuls need a bf16 or fp8 base, not memory.base_quant=nf4; set one"
         )
     if cfg.memory.base_quant != "none" and (cfg.lora.adapter_type != "lora" or cfg.lora.use_dora):
         raise ConfigError(

@@ -95,6 +95,83 @@ def _fp8_backward(ctx, grad_out):
 _fp8_linear.register_autograd(_fp8_backward, setup_context=_save_quantized)
 
 
+# fp8 MATMULS on the stored weights (`speed.fp8_base` with `memory.base_quant: fp8`): instead of dequantizing the
+# e4m3 weight to bf16 (a pass over the weight per call), the matmul reads it as it is stored, in fp8 on the tensor
+# cores (torch._scaled_mm, row-wise scales: twice bf16's peak on Hopper). The activation is quantized per token
+# (row-wise e4m3, in plain ops that the compiler fuses into whatever produced it); in backward the weight's row
+# scales are folded into the incoming gradient, which is quantized per token the same way, and multiplied with the
+# transposed e4m3 weight. Why not torchao's float8 training (`speed.fp8_base` on a bf16 base): it re-casts every
+# bf16 weight to fp8 on each call (and its transpose in backward), the 75 ms of casts a 1024^2 step measured in
+# docs/performance.md, and it cannot start from weights already stored in fp8.
+FP8_MATMUL_MULTIPLE = 16  # torch._scaled_mm needs both dimensions of the weight to be multiples of 16
+
+
+def quantize_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) float -> (M, K) float8 e4m3, (M, 1) fp32 scales: one scale per row (token), amax / 448."""
+    wide = tensor.float()
+    scale = (wide.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    return (wide / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+@torch.library.custom_op("kontext_lora::fp8_matmul_grad_input", mutates_args=())
+def _fp8_matmul_grad_input(
+    grad_q: torch.Tensor, grad_scale: torch.Tensor, qweight: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """(M, out) e4m3 gradient with (M, 1) fp32 row scales, (out, in) uint8 e4m3 weight -> (M, in) in `out_dtype`.
+
+    An opaque op because of the transpose: _scaled_mm wants its second operand contiguous along the reduced
+    dimension (out), which the stored (out, in) weight is not; written as plain ops, the compiler's partitioner may
+    move that transpose into forward and SAVE a transposed copy of every weight for backward (torchao's float8
+    training had to force the recompute for the same reason). Here it is made per layer in backward and dropped.
+    """
+    if qweight.device.type in FUSED_DEQUANT_DEVICES:
+        from kontext_lora.model.dequant_kernels import transpose_cuda
+
+        weight_t = transpose_cuda(qweight).view(torch.float8_e4m3fn)  # (in, out), tiled: dequant_kernels.py says why
+    else:
+        weight_t = qweight.view(torch.float8_e4m3fn).t().contiguous()  # (in, out)
+    ones = grad_scale.new_ones(1, weight_t.shape[0])  # the weight's row scales are already in the gradient
+    return torch._scaled_mm(grad_q, weight_t.t(), grad_scale, ones, out_dtype=out_dtype)
+
+
+@_fp8_matmul_grad_input.register_fake
+def _(grad_q, grad_scale, qweight, out_dtype):
+    return grad_q.new_empty((grad_q.shape[0], qweight.shape[1]), dtype=out_dtype)
+
+
+class _Fp8Matmul(torch.autograd.Function):
+    """(M, in) x -> (M, out) x @ (Q * scale)^T with both operands in e4m3 (x quantized per row here).
+
+    The gradient passes the quantization straight through (d out / d x as if x were not rounded), as fp8 training
+    recipes do; only the frozen weight's parts are saved, never x (the base weight gets no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        x_q, x_scale = quantize_rows(x)
+        ctx.save_for_backward(qweight, scale)
+        ctx.dtype = x.dtype
+        weight = qweight.view(torch.float8_e4m3fn).t()  # (in, out), column-major as _scaled_mm wants it
+        return torch._scaled_mm(x_q, weight, x_scale, scale[None, :], out_dtype=x.dtype, use_fast_accum=True)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        qweight, scale = ctx.saved_tensors
+        grad_q, grad_scale = quantize_rows(grad * scale)  # (M, out): the weight's row scales folded in
+        return _fp8_matmul_grad_input(grad_q, grad_scale, qweight, ctx.dtype), None, None
+
+
+def use_fp8_matmuls(transformer: torch.nn.Module) -> int:
+    """Make every fp8-stored linear (quantize_base "fp8") whose dimensions allow it multiply in fp8; returns how many.
+    The others keep dequantizing."""
+    count = 0
+    for layer in transformer.modules():
+        if isinstance(layer, Float8WeightLinear):
+            dims = (layer.in_features, layer.out_features)
+            layer.fp8_matmul = all(d % FP8_MATMUL_MULTIPLE == 0 for d in dims)
+            count += layer.fp8_matmul
+    return count
+
+
 class Float8WeightLinear(torch.nn.Module):
     """A frozen linear with an e4m3 weight and per-output-channel scales; computes in the input / autocast dtype.
 
@@ -114,6 +191,7 @@ class Float8WeightLinear(torch.nn.Module):
         self.scale = _frozen(scale)  # (out,) fp32
         bias = linear.bias
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().to(device), requires_grad=False)
+        self.fp8_matmul = False  # True: multiply in fp8 (`use_fp8_matmuls`); False: dequantize to the compute dtype
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out, in) weight this layer computes with, in `dtype` (a new tensor)."""
@@ -122,7 +200,11 @@ class Float8WeightLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(x)
         bias = None if self.bias is None else self.bias.to(dtype)
-        out = _fp8_linear(x.to(dtype), self.qweight, self.scale)  # (..., out)
+        if self.fp8_matmul and dtype == torch.bfloat16:  # row-wise _scaled_mm gives bf16 only; (..., in) -> (M, out)
+            out = _Fp8Matmul.apply(x.to(dtype).reshape(-1, self.in_features), self.qweight, self.scale)
+            out = out.view(*x.shape[:-1], self.out_features)
+        else:
+            out = _fp8_linear(x.to(dtype), self.qweight, self.scale)  # (..., out)
         return out + bias if bias is not None else out
 
     def extra_repr(self) -> str:

@@ -12,7 +12,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from kontext_lora.config import Config, SpeedConfig
-from kontext_lora.model.quant import quantize_base
+from kontext_lora.model.quant import quantization_report, quantize_base, use_fp8_matmuls
 from kontext_lora.model.swap import enable_block_swap, is_swapped, swapped_bytes
 
 # PyTorch's SDPA kernels, switched process-wide (see `set_attention_backend`).
@@ -138,17 +138,70 @@ def fsdp_cast_inputs(block: torch.nn.Module, args: tuple) -> tuple:
     return tuple(torch.utils._pytree.tree_map(cast, args))
 
 
-def compile_blocks(transformer: torch.nn.Module, activation_budget: float = 1.0) -> None:
+def compile_blocks(
+    transformer: torch.nn.Module,
+    activation_budget: float = 1.0,
+    keep_attention: bool = False,
+    cuda_graphs: bool = False,
+) -> None:
     """torch.compile each repeated block (diffusers' regional compilation): one compile per block class, reused.
 
     activation_budget < 1 asks the compiler's partitioner to keep only that fraction of each block's activations
-    for backward and recompute the cheapest rest (selective checkpointing decided by the compiler).
+    for backward and recompute the cheapest rest (selective checkpointing decided by the compiler); keep_attention
+    bans the attention forward from that recompute (`tag_attention_must_save`). cuda_graphs: inductor records each
+    block's forward and backward as CUDA graphs and replays them (what torch.compile's mode="reduce-overhead" sets);
+    each block has its own parameters, so each is recorded once (cudagraph trees re-record per static-input set).
+    The training step marks each step's start (`training_step`).
     """
     import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
 
     # A private knob, but the only switch for the min-cut partitioner's memory budget (PyTorch 2.4+).
     functorch_config.activation_memory_budget = activation_budget
+    inductor_config.joint_custom_pre_pass = keep_attention_pass() if keep_attention else None
+    inductor_config.triton.cudagraphs = cuda_graphs
     transformer.compile_repeated_blocks(fullgraph=False, dynamic=False)
+
+
+ATTENTION_OPS = (
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+)
+
+
+def tag_attention_must_save(graph: torch.fx.Graph) -> int:
+    """Mark every attention forward in a joint forward+backward graph MUST_SAVE (never recomputed); returns how many.
+
+    Why (speed.keep_attention): under an activation budget the min-cut partitioner chose to recompute the attention
+    forward in backward (cuDNN's forward, 83 ms of a 1024^2 step, ran twice on an H200: docs/performance.md), where
+    recomputing the matmuls or the elementwise work would free as much memory for less time. A MUST_SAVE op is
+    banned from recomputation, so the budget is met by the rest. torch.utils.checkpoint's selective policies set
+    the same tag, but only inside a checkpoint region, which regional compilation does not give.
+    """
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    marked = 0
+    for node in graph.nodes:
+        if node.op == "call_function" and getattr(node.target, "__name__", "").split(".")[0] in ATTENTION_OPS:
+            node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+            marked += 1
+    return marked
+
+
+def keep_attention_pass():
+    """The inductor joint-graph pass that runs `tag_attention_must_save` before partitioning (cacheable: a uuid)."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class KeepAttention(CustomGraphPass):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            tag_attention_must_save(graph)
+
+        def uuid(self) -> str:
+            return "kontext_lora.keep_attention.v1"
+
+    return KeepAttention()
 
 
 def float8_base_layers(transformer: torch.nn.Module) -> int:
@@ -188,7 +241,9 @@ def apply_speed(
     applied["attention"] = backend
     if backend == "cudnn":
         transformer._kontext_grad_hooks = contiguous_attention_grads(transformer)
-    if cfg.fp8_base:
+    if cfg.fp8_base and (quantization_report(transformer) or {}).get("mode") == "fp8":
+        applied["fp8_matmul_layers"] = use_fp8_matmuls(transformer)  # the stored e4m3 weights, multiplied in fp8
+    elif cfg.fp8_base:
         applied["fp8_layers"] = float8_base_layers(transformer)
     if block_swap:  # after fp8_base (new modules), before checkpointing and compile; always checkpointed
         applied["swapped_blocks"] = enable_block_swap(transformer, block_swap, device)
@@ -197,8 +252,11 @@ def apply_speed(
         fraction = cfg.checkpoint_fraction if gradient_checkpointing else 0.0
         applied["checkpointed_blocks"] = len(enable_checkpointing(transformer, fraction))
     if _wants_compile(cfg.compile, device):
-        compile_blocks(transformer, cfg.activation_budget)
+        cuda_graphs = cfg.cuda_graphs and device.type == "cuda"
+        compile_blocks(transformer, cfg.activation_budget, cfg.keep_attention, cuda_graphs)
         applied["compiled"] = True
+        applied.update({key: True for key, on in [("keep_attention", cfg.keep_attention), ("cuda_graphs", cuda_graphs)]
+                        if on})  # fmt: skip
     return applied
 
 

@@ -48,6 +48,8 @@ def training_step(
     transformer: torch.nn.Module, batch: LatentBatch, cfg: Config, generator: torch.Generator
 ) -> torch.Tensor:
     """One micro-batch: draw noise and sigmas (cfg.loss) from `generator` only, return the loss (scalar)."""
+    if cfg.speed.cuda_graphs:
+        torch.compiler.cudagraph_mark_step_begin()  # a new step: the last step's graph outputs may be overwritten
     noise = torch.randn(batch.target_latents.shape, generator=generator, device=generator.device)
     target_tokens = (noise.shape[-2] // 2) * (noise.shape[-1] // 2)  # the flux shift's mu counts target tokens
     sigmas = sample_sigmas(noise.shape[0], generator, cfg.train.logit_mean, cfg.train.logit_std, loss=cfg.loss,

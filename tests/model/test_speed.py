@@ -8,10 +8,16 @@ import pytest
 import torch
 import torch._dynamo
 import torch._functorch.config as functorch_config
+import torch._inductor.config
 
 from kontext_lora.config import ConfigError, load_config
 from kontext_lora.model.lora import lora_parameters
-from kontext_lora.model.speed import _ContiguousGrad, set_attention_backend, transformer_blocks
+from kontext_lora.model.speed import (
+    _ContiguousGrad,
+    set_attention_backend,
+    tag_attention_must_save,
+    transformer_blocks,
+)
 from kontext_lora.train.loop import training_step
 from tests.model.tiny_lora import BASE, tiny_batch, tiny_lora_model
 
@@ -22,6 +28,8 @@ def _restore_global_state():
     yield
     set_attention_backend("default")
     functorch_config.activation_memory_budget = 1.0
+    torch._inductor.config.joint_custom_pre_pass = None
+    torch._inductor.config.triton.cudagraphs = False
     torch._dynamo.reset()
 
 
@@ -44,12 +52,58 @@ def test_fast_path_matches_the_eager_bf16_loss_and_lora_gradients() -> None:
             "train.gradient_checkpointing=true",
             "speed.checkpoint_fraction=0.5",
             "speed.activation_budget=0.5",
+            "speed.keep_attention=true",
         ]  # fmt: skip
     )
-    assert fast == {"attention": "cudnn", "checkpointed_blocks": 2, "compiled": True}
+    assert fast == {"attention": "cudnn", "checkpointed_blocks": 2, "compiled": True, "keep_attention": True}
+    assert torch._inductor.config.joint_custom_pre_pass.uuid() == "kontext_lora.keep_attention.v1"
     assert grads.abs().max() > 0 and torch.isfinite(fast_grads).all()
     assert abs(fast_loss - loss) / abs(loss) < 1e-2
     assert (fast_grads - grads).norm() / grads.norm() < 1e-2
+
+
+def _backward_graph_ops(keep_attention: bool, budget: float) -> tuple[list[str], float, torch.Tensor]:
+    """Compile the tiny model's blocks through AOTAutograd's min-cut partitioner (as inductor does, without code
+    generation), the attention tagged first if asked; returns the ops of the backward graphs, the loss, the grads."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    backward_ops: list[str] = []
+
+    def partition(graph_module, inputs, **kwargs):
+        if keep_attention:
+            assert tag_attention_must_save(graph_module.graph) == 1  # one attention a block
+        return min_cut_rematerialization_partition(graph_module, inputs, **kwargs)
+
+    def backward_compiler(graph_module, inputs):
+        backward_ops.extend(str(n.target) for n in graph_module.graph.nodes if n.op == "call_function")
+        return make_boxed_func(graph_module.forward)
+
+    backend = aot_autograd(
+        fw_compiler=lambda graph_module, _: make_boxed_func(graph_module.forward),
+        bw_compiler=backward_compiler,
+        partition_fn=partition,
+    )
+    functorch_config.activation_memory_budget = budget
+    transformer, cfg, _ = tiny_lora_model(["speed.compile=none", "train.gradient_checkpointing=false"])
+    transformer.compile_repeated_blocks(fullgraph=False, dynamic=False, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = training_step(transformer, tiny_batch(), cfg, torch.Generator().manual_seed(3))
+    loss.backward()
+    torch._dynamo.reset()
+    return backward_ops, loss.item(), torch.cat([p.grad.float().flatten() for p in lora_parameters(transformer)])
+
+
+def test_keep_attention_stops_the_budgeted_partitioner_recomputing_the_attention() -> None:
+    """Under a small activation budget the partitioner recomputes the attention forward in backward (seen on the
+    GPU, where it cost 83 ms a 1024^2 step); tagged MUST_SAVE, backward runs only the attention's own backward."""
+    forward_attention = re.compile(r"_scaled_dot_product_\w*attention\w*(?<!backward)\.default$")
+    free_ops, free_loss, free_grads = _backward_graph_ops(keep_attention=False, budget=0.1)
+    kept_ops, kept_loss, kept_grads = _backward_graph_ops(keep_attention=True, budget=0.1)
+    assert [op for op in free_ops if forward_attention.search(op)]  # recomputed: the case the tag exists for
+    assert not [op for op in kept_ops if forward_attention.search(op)]
+    assert [op for op in kept_ops if "attention" in op and "backward" in op]
+    assert kept_loss == free_loss and torch.equal(kept_grads, free_grads)  # the same numbers, computed once
 
 
 @pytest.mark.parametrize("fraction, recomputed", [(1.0, 4), (0.5, 2), (0.25, 1), (0.0, 0)])
@@ -85,8 +139,23 @@ def test_contiguous_grad_hands_sdpa_a_dense_gradient_where_a_concat_slices_it() 
         ("speed.checkpoint_fraction=1.5", "speed.checkpoint_fraction`: must be in [0, 1]"),
         ("speed.compile=on", "'True' is not one of auto, blocks, none (YAML reads on/off/yes/no as true/false)"),
         ("speed.attention_backend=cudn", "did you mean `cudnn`"),
+        ("speed.cuda_graphs=true speed.compile=none", "speed.cuda_graphs`: needs speed.compile=blocks or auto"),
+        ("speed.cuda_graphs=true train.gradient_accumulation=2", "and train.gradient_accumulation=1"),
     ],
 )
 def test_speed_keys_are_validated(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
-        load_config(None, [*BASE, override])
+        load_config(None, [*BASE, *override.split()])
+
+
+def test_cuda_graphs_mark_each_step_and_switch_inductor_on_cuda_only() -> None:
+    """On CPU the option compiles as without it (inductor would skip graphs there anyway); every training step
+    starts a new cudagraph-tree generation, so one step's graph outputs may be overwritten by the next step."""
+    from torch._inductor import cudagraph_trees
+
+    transformer, cfg, applied = tiny_lora_model(["speed.compile=blocks", "speed.cuda_graphs=true"])
+    assert applied["compiled"] and "cuda_graphs" not in applied and not torch._inductor.config.triton.cudagraphs
+    before = cudagraph_trees.MarkStepBox.mark_step_counter
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        training_step(transformer, tiny_batch(), cfg, torch.Generator().manual_seed(3)).backward()
+    assert cudagraph_trees.MarkStepBox.mark_step_counter == before - 1  # mark_step_begin counts down
