@@ -387,10 +387,17 @@ def run_child(args: argparse.Namespace) -> None:
     result = {
         "variant": args.child, "res": args.res[0], "layers": args.layers, "s_per_step": statistics.median(timed),
         "spread": (max(timed) - min(timed)) if len(timed) > 1 else 0.0, "first_step_s": times[0],
-        "peak_gib": peak, "losses": losses, "profile": profile,
+        "peak_gib": peak, "losses": losses, "profile": profile, "cudagraph_counters": _cudagraph_counters(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }  # fmt: skip
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def _cudagraph_counters() -> dict[str, int]:
+    """inductor's CUDA-graph counters (skips name their reason): whether speed.cuda_graphs really replayed graphs."""
+    from torch._dynamo.utils import counters
+
+    return {key: value for key, value in counters["inductor"].items() if "cudagraph" in key}
 
 
 def profile_step(step, device: torch.device) -> dict[str, float]:
