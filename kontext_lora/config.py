@@ -287,6 +287,12 @@ class OptimConfig:
     )
 
 
+CUDA_GRAPHS_WITH_SWAP = (
+    "config key `speed.cuda_graphs`: does not combine with memory.block_swap > 0 (swapped weights get new memory "
+    "every step; a CUDA graph replays fixed addresses)"
+)
+
+
 @dataclass
 class SpeedConfig:
     attention_backend: str = opt(
@@ -485,6 +491,8 @@ def _check_values(cfg: Config) -> None:
             "config key `speed.cuda_graphs`: needs speed.compile=blocks or auto and train.gradient_accumulation=1 "
             "(a graph replay reuses the memory that an accumulated gradient would still hold)"
         )
+    if cfg.speed.cuda_graphs and cfg.memory.block_swap:
+        raise ConfigError(CUDA_GRAPHS_WITH_SWAP)
     if cfg.memory.base_quant == "nf4" and cfg.speed.fp8_base:
         raise ConfigError(
             "config key `speed.fp8_base`: fp8 matmuls need a bf16 or fp8 base, not memory.base_quant=nf4; set one"

@@ -11,7 +11,7 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from kontext_lora.config import Config, SpeedConfig
+from kontext_lora.config import CUDA_GRAPHS_WITH_SWAP, Config, ConfigError, SpeedConfig
 from kontext_lora.model.quant import quantization_report, quantize_base, use_fp8_matmuls
 from kontext_lora.model.swap import enable_block_swap, is_swapped, swapped_bytes
 
@@ -235,6 +235,8 @@ def apply_speed(
 ) -> dict[str, object]:
     """Apply the `speed.*` options (and `memory.block_swap`: that many blocks swapped, see model/swap.py) to a
     transformer whose LoRA is already injected (and base quantized); returns what was applied."""
+    if cfg.cuda_graphs and block_swap:  # also checked at load; here for a block swap the planner chose
+        raise ConfigError(CUDA_GRAPHS_WITH_SWAP)
     applied: dict[str, object] = {}
     backend = resolve_attention_backend(cfg.attention_backend, device)
     set_attention_backend(backend)

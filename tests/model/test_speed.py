@@ -141,6 +141,7 @@ def test_contiguous_grad_hands_sdpa_a_dense_gradient_where_a_concat_slices_it() 
         ("speed.attention_backend=cudn", "did you mean `cudnn`"),
         ("speed.cuda_graphs=true speed.compile=none", "speed.cuda_graphs`: needs speed.compile=blocks or auto"),
         ("speed.cuda_graphs=true train.gradient_accumulation=2", "and train.gradient_accumulation=1"),
+        ("speed.cuda_graphs=true memory.block_swap=2", "does not combine with memory.block_swap > 0"),
     ],
 )
 def test_speed_keys_are_validated(override: str, message: str) -> None:
@@ -159,3 +160,11 @@ def test_cuda_graphs_mark_each_step_and_switch_inductor_on_cuda_only() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         training_step(transformer, tiny_batch(), cfg, torch.Generator().manual_seed(3)).backward()
     assert cudagraph_trees.MarkStepBox.mark_step_counter == before - 1  # mark_step_begin counts down
+
+
+def test_apply_speed_refuses_cuda_graphs_with_a_block_swap_the_planner_chose() -> None:
+    from kontext_lora.model.speed import apply_speed
+
+    cfg = load_config(None, [*BASE, "speed.cuda_graphs=true"])  # valid as loaded: no swap asked for
+    with pytest.raises(ConfigError, match="does not combine with memory.block_swap"):
+        apply_speed(torch.nn.Linear(2, 2), cfg.speed, False, torch.device("cpu"), block_swap=2)
