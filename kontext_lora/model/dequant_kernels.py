@@ -8,7 +8,7 @@ dequantization, called from inside quant.py's opaque custom ops, cost more in pe
 dequantizes eagerly) nor bitsandbytes (not on the GPU machines; another layout) offers one. fp8: eager, the cast and
 the row scale are two kernels; scaling the matmul's OUTPUT instead (the first version) read and wrote every
 activation once more, 0.12 s of a 1.23 s compiled 1024^2 step on an H100. The transpose: PyTorch's
-`.t().contiguous()` of a uint8 matrix runs as a strided elementwise copy, 50 ms of an 0.88 s 1024^2 step on an H200
+`.t().contiguous()` of a uint8 matrix runs as a strided elementwise copy, 50 ms of a 0.88 s 1024^2 step on an H200
 (11.2 GiB of weights read and written once a step, at about 0.45 TB/s); tiles through shared memory do it at
 bandwidth. Triton is imported only when a kernel first runs, so CPU-only installs never need it.
 """

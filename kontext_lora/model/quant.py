@@ -151,6 +151,7 @@ class _Fp8Matmul(torch.autograd.Function):
         ctx.save_for_backward(qweight, scale)
         ctx.dtype = x.dtype
         weight = qweight.view(torch.float8_e4m3fn).t()  # (in, out), column-major as _scaled_mm wants it
+        # Fast accumulation in forward only, as torchao's float8 recipes do; the input gradient accumulates exactly.
         return torch._scaled_mm(x_q, weight, x_scale, scale[None, :], out_dtype=x.dtype, use_fast_accum=True)
 
     @staticmethod

@@ -257,8 +257,10 @@ def apply_speed(
         cuda_graphs = cfg.cuda_graphs and device.type == "cuda"
         compile_blocks(transformer, cfg.activation_budget, cfg.keep_attention, cuda_graphs)
         applied["compiled"] = True
-        applied.update({key: True for key, on in [("keep_attention", cfg.keep_attention), ("cuda_graphs", cuda_graphs)]
-                        if on})  # fmt: skip
+        if cfg.keep_attention:
+            applied["keep_attention"] = True
+        if cuda_graphs:
+            applied["cuda_graphs"] = True
     return applied
 
 
