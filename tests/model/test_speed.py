@@ -168,3 +168,14 @@ def test_apply_speed_refuses_cuda_graphs_with_a_block_swap_the_planner_chose() -
     cfg = load_config(None, [*BASE, "speed.cuda_graphs=true"])  # valid as loaded: no swap asked for
     with pytest.raises(ConfigError, match="does not combine with memory.block_swap"):
         apply_speed(torch.nn.Linear(2, 2), cfg.speed, False, torch.device("cpu"), block_swap=2)
+
+
+def test_fp8_base_names_the_key_on_a_gpu_without_fp8_tensor_cores(monkeypatch) -> None:
+    from kontext_lora.model.speed import apply_speed
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # an A100
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    cfg = load_config(None, [*BASE, "speed.fp8_base=true"])
+    with pytest.raises(ConfigError, match=re.escape("speed.fp8_base`: needs a GPU with fp8 tensor cores")) as error:
+        apply_speed(torch.nn.Linear(2, 2), cfg.speed, False, torch.device("cuda"))
+    assert "A100-SXM4-80GB is 8.0" in str(error.value)
