@@ -38,6 +38,7 @@ from bench_step import build_transformer, last_lines, make_batch, randomize_lora
 
 GIB = 2**30
 EAGER_CKPT = ["speed.compile=none", "train.gradient_checkpointing=true"]
+COMPILED_CKPT = ["speed.compile=blocks", "train.gradient_checkpointing=true"]
 # name -> resolution, budget GiB (0: none), knob overrides, steps. `swap=plan` takes the fewest swapped blocks the
 # planner predicts to fit the budget with the other knobs as given. A `bf16-<res>` run is each resolution's reference.
 CONFIGS: dict[str, dict] = {
@@ -46,7 +47,7 @@ CONFIGS: dict[str, dict] = {
     "fp8-compile-1024@24": dict(
         res=1024,
         budget=24,
-        overrides=["memory.base_quant=fp8", "speed.compile=blocks", "train.gradient_checkpointing=true"],
+        overrides=[*COMPILED_CKPT, "memory.base_quant=fp8"],
         steps=10,
     ),  # fmt: skip
     "bf16-swap-1024@24": dict(res=1024, budget=24, overrides=[*EAGER_CKPT, "memory.block_swap=plan"], steps=10),
@@ -58,7 +59,7 @@ CONFIGS: dict[str, dict] = {
     "nf4-compile-512@12": dict(
         res=512,
         budget=12,
-        overrides=["memory.base_quant=nf4", "speed.compile=blocks", "train.gradient_checkpointing=true"],
+        overrides=[*COMPILED_CKPT, "memory.base_quant=nf4"],
         steps=50,
     ),  # fmt: skip
     "bf16-ckpt50-512": dict(res=512, budget=0, overrides=[*EAGER_CKPT, "speed.checkpoint_fraction=0.5"], steps=10),

@@ -45,6 +45,7 @@ REFERENCE_TARGETS = [
 ]  # fmt: skip
 
 # speed.* / train.* overrides of each of our variants; each option alone, then together.
+COMPILED_NO_CKPT = ["speed.attention_backend=cudnn", "speed.compile=blocks", "train.gradient_checkpointing=false"]
 VARIANTS: dict[str, list[str]] = {
     "ours-eager": ["speed.attention_backend=flash", "speed.compile=none"],
     "ours-cudnn": ["speed.attention_backend=cudnn", "speed.compile=none"],
@@ -53,12 +54,10 @@ VARIANTS: dict[str, list[str]] = {
     "ours-ckpt50": ["speed.attention_backend=cudnn", "speed.compile=blocks", "speed.checkpoint_fraction=0.5"],
     "ours-ckpt25": ["speed.attention_backend=cudnn", "speed.compile=blocks", "speed.checkpoint_fraction=0.25"],
     "ours-budget": [
-        "speed.attention_backend=cudnn",
-        "speed.compile=blocks",
-        "train.gradient_checkpointing=false",
+        *COMPILED_NO_CKPT,
         "speed.activation_budget=0.5",
     ],  # fmt: skip
-    "ours-nockpt": ["speed.attention_backend=cudnn", "speed.compile=blocks", "train.gradient_checkpointing=false"],
+    "ours-nockpt": COMPILED_NO_CKPT,
     "ours-fp8": ["speed.attention_backend=cudnn", "speed.compile=blocks", "speed.fp8_base=true"],
     # Diagnostics of the cuDNN kernel inside Flux blocks: diffusers' own `_native_cudnn` attention backend (q/k/v made
     # contiguous in (B, H, S, D)), with and without checkpointing, against our process-wide kernel switch.
@@ -71,41 +70,31 @@ VARIANTS: dict[str, list[str]] = {
     ],  # fmt: skip
     "diag-cudnn-nockpt": ["speed.attention_backend=cudnn", "speed.compile=none", "train.gradient_checkpointing=false"],
     "ours-fp8-budget30": [
-        "speed.attention_backend=cudnn",
-        "speed.compile=blocks",
-        "train.gradient_checkpointing=false",
+        *COMPILED_NO_CKPT,
         "speed.activation_budget=0.3",
         "speed.fp8_base=true",
     ],  # fmt: skip
     "ours-fp8-budget": [
-        "speed.attention_backend=cudnn",
-        "speed.compile=blocks",
-        "train.gradient_checkpointing=false",
+        *COMPILED_NO_CKPT,
         "speed.activation_budget=0.5",
         "speed.fp8_base=true",
     ],  # fmt: skip
     # The frozen base STORED in fp8 (memory.base_quant, issue 5: weights 11 GiB instead of 22), activation budget 0.5
     # or no checkpointing: the dequantization costs time, the freed memory lets budget 0.5 fit under 40 GiB.
     "ours-fp8store-budget": [
-        "speed.attention_backend=cudnn",
-        "speed.compile=blocks",
-        "train.gradient_checkpointing=false",
+        *COMPILED_NO_CKPT,
         "speed.activation_budget=0.5",
         "memory.base_quant=fp8",
     ],  # fmt: skip
     "ours-fp8store-nockpt": [
-        "speed.attention_backend=cudnn",
-        "speed.compile=blocks",
-        "train.gradient_checkpointing=false",
+        *COMPILED_NO_CKPT,
         "memory.base_quant=fp8",
     ],  # fmt: skip
     # The base stored in fp8 AND multiplied in fp8 (speed.fp8_base on memory.base_quant=fp8: torch._scaled_mm on the
     # stored e4m3 weights, activations and gradients quantized per token): no dequantization, fp8 tensor cores.
     **{
         f"ours-fp8mm-{name}": [
-            "speed.attention_backend=cudnn",
-            "speed.compile=blocks",
-            "train.gradient_checkpointing=false",
+            *COMPILED_NO_CKPT,
             *([f"speed.activation_budget={budget}"] if budget < 1 else []),
             "memory.base_quant=fp8",
             "speed.fp8_base=true",
@@ -115,9 +104,7 @@ VARIANTS: dict[str, list[str]] = {
     # The same, the attention forward never recomputed (speed.keep_attention): the budget is met by the rest.
     **{
         f"ours-fp8mm-keepattn{round(budget * 100)}": [
-            "speed.attention_backend=cudnn",
-            "speed.compile=blocks",
-            "train.gradient_checkpointing=false",
+            *COMPILED_NO_CKPT,
             f"speed.activation_budget={budget}",
             "speed.keep_attention=true",
             "memory.base_quant=fp8",
@@ -128,17 +115,13 @@ VARIANTS: dict[str, list[str]] = {
     # CUDA graphs over the compiled blocks (speed.cuda_graphs): a 512^2 step's GPU sat idle half the time, waiting
     # on kernel launches (profile: GPU busy 47%).
     "ours-budget-cg": [
-        "speed.attention_backend=cudnn",
-        "speed.compile=blocks",
-        "train.gradient_checkpointing=false",
+        *COMPILED_NO_CKPT,
         "speed.activation_budget=0.5",
         "speed.cuda_graphs=true",
     ],  # fmt: skip
     **{
         f"ours-fp8mm-{name}-cg": [
-            "speed.attention_backend=cudnn",
-            "speed.compile=blocks",
-            "train.gradient_checkpointing=false",
+            *COMPILED_NO_CKPT,
             *extra,
             "memory.base_quant=fp8",
             "speed.fp8_base=true",

@@ -237,8 +237,9 @@ def apply_speed(
     transformer whose LoRA is already injected (and base quantized); returns what was applied."""
     if cfg.cuda_graphs and block_swap:  # also checked at load; here for a block swap the planner chose
         raise ConfigError(CUDA_GRAPHS_WITH_SWAP)
-    if cfg.fp8_base and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        major, minor = torch.cuda.get_device_capability(device)
+    capability = torch.cuda.get_device_capability(device) if cfg.fp8_base and device.type == "cuda" else None
+    if capability is not None and capability < (8, 9):
+        major, minor = capability
         raise ConfigError(
             f"config key `speed.fp8_base`: needs a GPU with fp8 tensor cores (compute capability 8.9+: Ada, Hopper or "
             f"newer); {torch.cuda.get_device_name(device)} is {major}.{minor}"
