@@ -325,6 +325,11 @@ class SpeedConfig:
         "fp8 matmuls for the frozen base linears (GPUs with fp8 tensor cores): with memory.base_quant=fp8 on the "
         "stored e4m3 weights, else torchao float8 on the bf16 base.",
     )
+    fp8_fast_accum_backward: bool = opt(
+        False,
+        "With fp8_base on memory.base_quant=fp8: the input-gradient fp8 matmuls accumulate in the tensor cores' fast, "
+        "less precise mode too (forward always does, as torchao's float8 recipes).",
+    )
 
 
 @dataclass
@@ -496,6 +501,11 @@ def _check_values(cfg: Config) -> None:
     if cfg.memory.base_quant == "nf4" and cfg.speed.fp8_base:
         raise ConfigError(
             "config key `speed.fp8_base`: fp8 matmuls need a bf16 or fp8 base, not memory.base_quant=nf4; set one"
+        )
+    if cfg.speed.fp8_fast_accum_backward and not (cfg.speed.fp8_base and cfg.memory.base_quant == "fp8"):
+        raise ConfigError(
+            "config key `speed.fp8_fast_accum_backward`: applies to fp8 matmuls on an fp8-stored base only; set "
+            "speed.fp8_base=true and memory.base_quant=fp8 too"
         )
     if cfg.memory.base_quant != "none" and (cfg.lora.adapter_type != "lora" or cfg.lora.use_dora):
         raise ConfigError(

@@ -130,6 +130,10 @@ VARIANTS: dict[str, list[str]] = {
         for name, extra in [
             ("nockpt", []),
             ("keepattn45", ["speed.activation_budget=0.45", "speed.keep_attention=true"]),
+            (
+                "keepattn45-fastacc",
+                ["speed.activation_budget=0.45", "speed.keep_attention=true", "speed.fp8_fast_accum_backward=true"],
+            ),  # fmt: skip
         ]
     },
     "diag-cudnn-nofix": ["speed.attention_backend=cudnn", "speed.compile=none", "!nofix"],
@@ -236,7 +240,7 @@ def reference_step_fn(transformer: torch.nn.Module, batch, device: torch.device)
     ids = torch.cat([image_ids, control_ids])
     txt_ids = torch.zeros(batch.prompt_embeds.shape[1], 3, device=device, dtype=latents.dtype)
 
-    def step(grads_out: Path | None) -> float:
+    def step(grads_out: Path | None) -> torch.Tensor:
         noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
         sigmas = torch.sigmoid(torch.randn(1, generator=generator, device=device))
         with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -254,7 +258,7 @@ def reference_step_fn(transformer: torch.nn.Module, batch, device: torch.device)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return loss.detach()
 
     return step
 
@@ -327,7 +331,7 @@ def ours_step_fn(transformer: torch.nn.Module, batch, device: torch.device, over
     transformer.train()
     generator = torch.Generator(device).manual_seed(0)
 
-    def step(grads_out: Path | None) -> float:
+    def step(grads_out: Path | None) -> torch.Tensor:
         loss = training_step(transformer, batch, cfg, generator)
         accelerator.backward(loss)
         if grads_out is not None:
@@ -335,7 +339,7 @@ def ours_step_fn(transformer: torch.nn.Module, batch, device: torch.device, over
         accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return loss.detach()
 
     return step
 
@@ -356,21 +360,25 @@ def run_child(args: argparse.Namespace) -> None:
         step = reference_step_fn(transformer, batch, device)
     else:
         step = ours_step_fn(transformer, batch, device, VARIANTS[args.child])
-    times, losses = [], []
+    times, enqueued, losses = [], [], []
     for index in range(args.warmup + args.steps):
         _sync(device)
         start = time.perf_counter()
-        losses.append(step(Path(args.dump) if index == 0 and args.dump else None))
+        loss = step(Path(args.dump) if index == 0 and args.dump else None)
+        enqueued.append(time.perf_counter() - start)  # the CPU's time to launch the step (no sync inside it)
+        losses.append(loss.item())
         _sync(device)
         times.append(time.perf_counter() - start)
-        print(f"  step {index}: {times[-1]:.3f} s loss {losses[-1]:.4f}", flush=True)
+        print(f"  step {index}: {times[-1]:.3f} s (CPU {enqueued[-1]:.3f} s) loss {losses[-1]:.4f}", flush=True)
     timed = times[args.warmup :]
     profile = profile_step(step, device) if args.profile and device.type == "cuda" else None
+    gaps = trace_step(step, device, Path(args.trace) / f"{args.child}-{args.res[0]}.json.gz") if args.trace else None
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     result = {
         "variant": args.child, "res": args.res[0], "layers": args.layers, "s_per_step": statistics.median(timed),
         "spread": (max(timed) - min(timed)) if len(timed) > 1 else 0.0, "first_step_s": times[0],
-        "peak_gib": peak, "losses": losses, "profile": profile, "cudagraph_counters": _cudagraph_counters(),
+        "cpu_s": statistics.median(enqueued[args.warmup :]), "peak_gib": peak, "losses": losses, "profile": profile,
+        "gaps": gaps, "cudagraph_counters": _cudagraph_counters(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }  # fmt: skip
     print("RESULT " + json.dumps(result), flush=True)
@@ -409,6 +417,26 @@ def profile_step(step, device: torch.device) -> dict[str, float]:
     # Kernel time against the step's wall time (profiled): well under 1, the GPU waits on the CPU (launch-bound).
     totals["gpu busy"] = f"{sum(v for v in totals.values() if isinstance(v, float)) / wall_ms:.0%} of {wall_ms:.0f} ms"
     return totals
+
+
+def trace_step(step, device: torch.device, path: Path) -> dict | None:
+    """Trace one step, CPU and GPU (torch.profiler), write the Chrome trace to `path` and return trace_gaps.py's
+    summary: how long the GPU sat idle waiting on launches, and which CPU ops ran meanwhile."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from trace_gaps import analyze, format_summary, load_trace
+
+    if device.type != "cuda":
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step(None).item()
+        _sync(device)
+    prof.export_chrome_trace(str(path))
+    summary = analyze(load_trace(path))
+    print(format_summary(summary), flush=True)
+    return summary
 
 
 def _sync(device: torch.device) -> None:
@@ -450,6 +478,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--timeout", type=int, default=300, help="seconds per variant")
     parser.add_argument("--profile", action="store_true", help="also profile one step by kernel family")
+    parser.add_argument("--trace", help="trace one step (CPU + GPU) into this folder; report the idle gaps")
     parser.add_argument("--loss-baseline", default="ours-eager", help="variant the per-step losses are compared to")
     parser.add_argument("--layers", type=int, nargs=2, help="double and single blocks (default: FLUX.1's 19 and 38)")
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU: checks the script, times nothing real")
@@ -475,6 +504,7 @@ def main() -> None:
                        "--warmup", str(args.warmup), "--dump", str(dump)]  # fmt: skip
             command += ["--tiny"] if args.tiny else []
             command += ["--profile"] if args.profile else []
+            command += ["--trace", args.trace] if args.trace else []
             command += ["--layers", *map(str, args.layers)] if args.layers else []
             print(f"== {variant} @ {res}^2", flush=True)
             started = time.perf_counter()
@@ -491,9 +521,9 @@ def main() -> None:
 
 def print_table(rows: list[dict], card: str, peak_tflops: float, tiny: bool, loss_baseline: str) -> None:
     print(f"\ncard: {card}")
-    print("| res | variant | s/step | spread | peak GiB | MFU | vs reference | loss rel err | grad rel err "
+    print("| res | variant | s/step | CPU s | spread | peak GiB | MFU | vs reference | loss rel err | grad rel err "
           f"| mean loss dev vs {loss_baseline} (steps) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         if "error" in row:
             print(f"| {row['res']} | {row['variant']} | failed: {row['error']} |")
@@ -515,7 +545,8 @@ def print_table(rows: list[dict], card: str, peak_tflops: float, tiny: bool, los
             n = min(len(ours), len(base))
             relative = [abs(a - b) / abs(b) for a, b in zip(ours[:n], base[:n], strict=True)]
             deviation = f"{statistics.mean(relative):.1e} ({n})"
-        print(f"| {row['res']} | {row['variant']} | {row['s_per_step']:.3f} | {row['spread']:.3f} | "
+        print(f"| {row['res']} | {row['variant']} | {row['s_per_step']:.3f} | {row.get('cpu_s', float('nan')):.3f} "
+              f"| {row['spread']:.3f} | "
               f"{row['peak_gib']:.1f} | {mfu:.0%} | {ratio:.2f}x | {errors[0]} | {errors[1]} "
               f"| {deviation} |")  # fmt: skip
     for row in rows:

@@ -57,7 +57,7 @@ def run_child(args: argparse.Namespace) -> None:
         times, losses = [], []
         for index in range(steps):
             start = time.perf_counter()
-            losses.append(step(None))  # .item() inside: synchronises
+            losses.append(step(None).item())  # synchronises
             times.append(time.perf_counter() - start)
             print(f"  {res}^2 step {index}: {times[-1]:.3f} s loss {losses[-1]:.6f}", flush=True)
         timed = times[2:] if len(times) > 3 else times[1:] or times

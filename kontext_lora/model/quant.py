@@ -115,9 +115,10 @@ def quantize_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.library.custom_op("kontext_lora::fp8_matmul_grad_input", mutates_args=())
 def _fp8_matmul_grad_input(
-    grad_q: torch.Tensor, grad_scale: torch.Tensor, qweight: torch.Tensor, out_dtype: torch.dtype
+    grad_q: torch.Tensor, grad_scale: torch.Tensor, qweight: torch.Tensor, out_dtype: torch.dtype, fast_accum: bool
 ) -> torch.Tensor:
-    """(M, out) e4m3 gradient with (M, 1) fp32 row scales, (out, in) uint8 e4m3 weight -> (M, in) in `out_dtype`.
+    """(M, out) e4m3 gradient with (M, 1) fp32 row scales, (out, in) uint8 e4m3 weight -> (M, in) in `out_dtype`;
+    fast_accum: the tensor cores' fast accumulation (by default exact, as torchao's recipes keep the gradients).
 
     An opaque op because of the transpose: _scaled_mm wants its second operand contiguous along the reduced
     dimension (out), which the stored (out, in) weight is not; written as plain ops, the compiler's partitioner may
@@ -131,11 +132,11 @@ def _fp8_matmul_grad_input(
     else:
         weight_t = qweight.view(torch.float8_e4m3fn).t().contiguous()  # (in, out)
     ones = grad_scale.new_ones(1, weight_t.shape[0])  # the weight's row scales are already in the gradient
-    return torch._scaled_mm(grad_q, weight_t.t(), grad_scale, ones, out_dtype=out_dtype)
+    return torch._scaled_mm(grad_q, weight_t.t(), grad_scale, ones, out_dtype=out_dtype, use_fast_accum=fast_accum)
 
 
 @_fp8_matmul_grad_input.register_fake
-def _(grad_q, grad_scale, qweight, out_dtype):
+def _(grad_q, grad_scale, qweight, out_dtype, fast_accum):
     return grad_q.new_empty((grad_q.shape[0], qweight.shape[1]), dtype=out_dtype)
 
 
@@ -146,10 +147,12 @@ class _Fp8Matmul(torch.autograd.Function):
     recipes do; only the frozen weight's parts are saved, never x (the base weight gets no gradient)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, fast_accum_backward: bool = False
+    ) -> torch.Tensor:
         x_q, x_scale = quantize_rows(x)
         ctx.save_for_backward(qweight, scale)
-        ctx.dtype = x.dtype
+        ctx.dtype, ctx.fast_accum_backward = x.dtype, fast_accum_backward
         weight = qweight.view(torch.float8_e4m3fn).t()  # (in, out), column-major as _scaled_mm wants it
         # Fast accumulation in forward only, as torchao's float8 recipes do; the input gradient accumulates exactly.
         return torch._scaled_mm(x_q, weight, x_scale, scale[None, :], out_dtype=x.dtype, use_fast_accum=True)
@@ -158,17 +161,18 @@ class _Fp8Matmul(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         qweight, scale = ctx.saved_tensors
         grad_q, grad_scale = quantize_rows(grad * scale)  # (M, out): the weight's row scales folded in
-        return _fp8_matmul_grad_input(grad_q, grad_scale, qweight, ctx.dtype), None, None
+        return _fp8_matmul_grad_input(grad_q, grad_scale, qweight, ctx.dtype, ctx.fast_accum_backward), None, None, None
 
 
-def use_fp8_matmuls(transformer: torch.nn.Module) -> int:
+def use_fp8_matmuls(transformer: torch.nn.Module, fast_accum_backward: bool = False) -> int:
     """Make every fp8-stored linear (quantize_base "fp8") whose dimensions allow it multiply in fp8; returns how many.
-    The others keep dequantizing."""
+    The others keep dequantizing. fast_accum_backward: the input-gradient matmuls accumulate in fast mode too."""
     count = 0
     for layer in transformer.modules():
         if isinstance(layer, Float8WeightLinear):
             dims = (layer.in_features, layer.out_features)
             layer.fp8_matmul = all(d % FP8_MATMUL_MULTIPLE == 0 for d in dims)
+            layer.fast_accum_backward = fast_accum_backward
             count += layer.fp8_matmul
     return count
 
@@ -193,6 +197,7 @@ class Float8WeightLinear(torch.nn.Module):
         bias = linear.bias
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().to(device), requires_grad=False)
         self.fp8_matmul = False  # True: multiply in fp8 (`use_fp8_matmuls`); False: dequantize to the compute dtype
+        self.fast_accum_backward = False  # with fp8_matmul: the input gradient's matmul accumulates in fast mode too
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out, in) weight this layer computes with, in `dtype` (a new tensor)."""
@@ -202,7 +207,8 @@ class Float8WeightLinear(torch.nn.Module):
         dtype = _compute_dtype(x)
         bias = None if self.bias is None else self.bias.to(dtype)
         if self.fp8_matmul and dtype == torch.bfloat16:  # row-wise _scaled_mm gives bf16 only; (..., in) -> (M, out)
-            out = _Fp8Matmul.apply(x.to(dtype).reshape(-1, self.in_features), self.qweight, self.scale)
+            x2d = x.to(dtype).reshape(-1, self.in_features)
+            out = _Fp8Matmul.apply(x2d, self.qweight, self.scale, self.fast_accum_backward)
             out = out.view(*x.shape[:-1], self.out_features)
         else:
             out = _fp8_linear(x.to(dtype), self.qweight, self.scale)  # (..., out)

@@ -251,7 +251,8 @@ def apply_speed(
     if backend == "cudnn":
         transformer._kontext_grad_hooks = contiguous_attention_grads(transformer)
     if cfg.fp8_base and (quantization_report(transformer) or {}).get("mode") == "fp8":
-        applied["fp8_matmul_layers"] = use_fp8_matmuls(transformer)  # the stored e4m3 weights, multiplied in fp8
+        # the stored e4m3 weights, multiplied in fp8
+        applied["fp8_matmul_layers"] = use_fp8_matmuls(transformer, cfg.fp8_fast_accum_backward)
     elif cfg.fp8_base:
         applied["fp8_layers"] = float8_base_layers(transformer)
     if block_swap:  # after fp8_base (new modules), before checkpointing and compile; always checkpointed

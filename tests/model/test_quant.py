@@ -206,6 +206,9 @@ def test_config_rejects_fp8_base_with_nf4_and_unknown_modes() -> None:
         load_config(None, [*BASE, "memory.base_quant=fp8", "lora.use_dora=true"])
     with pytest.raises(ConfigError, match="memory.base_quant"):
         quantize_base(_model(), "int8")
+    load_config(None, [*BASE, "memory.base_quant=fp8", "speed.fp8_base=true", "speed.fp8_fast_accum_backward=true"])
+    with pytest.raises(ConfigError, match="speed.fp8_fast_accum_backward"):
+        load_config(None, [*BASE, "speed.fp8_base=true", "speed.fp8_fast_accum_backward=true"])  # torchao's path
 
 
 def _fp8_layer(in_features: int = 128, out_features: int = 256):
@@ -239,6 +242,9 @@ def test_fp8_matmul_computes_its_definition_forward_and_backward(one_thread) -> 
     assert out.dtype == x_grad.dtype == torch.bfloat16
     assert _relative_error(out.reshape(-1, 256), expected) < 4e-3  # bf16 output rounding only
     assert _relative_error(x_grad.reshape(-1, 128), expected_grad) < 4e-3
+    layer.fast_accum_backward, x.grad = True, None  # speed.fp8_fast_accum_backward: the same definition
+    layer(x).backward(grad)
+    assert _relative_error(x.grad.reshape(-1, 128), expected_grad) < 4e-3
     for got, dequantized in zip(results[True], results[False], strict=True):
         assert 1e-3 < _relative_error(got, dequantized) < 0.04  # the activation / gradient quantization, e4m3
 

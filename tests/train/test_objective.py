@@ -88,3 +88,27 @@ def test_logit_normal_sigmas_have_the_right_moments() -> None:
     assert abs(logits.mean().item()) < 0.01 and abs(logits.std().item() - 1.0) < 0.01
     shifted = torch.logit(sample_sigmas(200_000, g, mean=0.5, std=0.7).double())
     assert abs(shifted.mean().item() - 0.5) < 0.01 and abs(shifted.std().item() - 0.7) < 0.01
+
+
+def test_input_dtype_is_the_models_dtype_through_wrappers_and_lora() -> None:
+    """`input_dtype` reads the patch embedder's weight instead of diffusers' `.dtype` (a walk over every module, the
+    GPU's idle time before each forward): it must give the same dtype, with a LoRA on the embedder, in bf16, and
+    through a `.module` wrapper (DDP / DeepSpeed style); a model without the embedder falls back to `.dtype`."""
+    from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig
+
+    from kontext_lora.model.tiny import TINY_TRANSFORMER
+    from kontext_lora.train.objective import input_dtype
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module: torch.nn.Module):
+            super().__init__()
+            self.module = module
+
+    for dtype in (torch.float32, torch.bfloat16):
+        transformer = FluxTransformer2DModel(**TINY_TRANSFORMER).to(dtype)
+        transformer.add_adapter(LoraConfig(r=2, target_modules=["x_embedder", "to_q"]))  # fp32 adapters: autocast's
+        assert input_dtype(transformer) == transformer.dtype == dtype
+        assert input_dtype(Wrapper(Wrapper(transformer))) == dtype
+    del transformer.x_embedder  # without the embedder: diffusers' `.dtype`, through the wrappers
+    assert input_dtype(Wrapper(transformer.to(torch.float16))) == torch.float16
