@@ -262,7 +262,7 @@ def fit(
         step += 1
         if ema is not None:
             ema.update(step)
-        seconds, tick = time.perf_counter() - tick, time.perf_counter()
+        seconds = time.perf_counter() - tick
         logs = {"loss": _mean_over_processes(accelerator, loss_sum / micro), "lr": scheduler.get_last_lr()[0],
                 "s_per_step": seconds}  # fmt: skip
         loss_sum, micro = 0.0, 0
@@ -278,6 +278,7 @@ def fit(
             transformer.train()
         if cfg.output.save_every and step % cfg.output.save_every == 0 and step < cfg.train.steps:
             state.save(step, out_dir, save, cfg.output.keep_last)
+        tick = time.perf_counter()  # s_per_step times the step itself: not the validation or the save after it
     progress.close()
     final = save(step, out_dir)
     accelerator.end_training()
