@@ -15,6 +15,7 @@ the first step's loss and LoRA gradients are saved, and the table gives their re
 
     python scripts/bench_step.py --res 1024 512 --variants reference ours-eager ours-fast
     python scripts/bench_step.py --tiny --res 64            # a CPU smoke run on the tiny model's shapes
+    python scripts/bench_step.py --res 1024 --variants ours-fp8mm-keepattn45-cg --trace traces   # + where the GPU waits
 """
 
 from __future__ import annotations
