@@ -320,6 +320,11 @@ class SpeedConfig:
         "With compile on CUDA: replay each compiled block as a CUDA graph (inductor's cudagraph trees), for steps the "
         "CPU's kernel launches limit (512^2 and below); needs train.gradient_accumulation=1.",
     )
+    fuse_lora_inputs: bool = opt(
+        False,
+        "With compile: the LoRA down-projections that read the same input (q, k, v; a single block's MLP) run as one "
+        "matmul, forward and backward.",
+    )
     fp8_base: bool = opt(
         False,
         "fp8 matmuls for the frozen base linears (GPUs with fp8 tensor cores): with memory.base_quant=fp8 on the "

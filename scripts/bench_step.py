@@ -135,6 +135,17 @@ VARIANTS: dict[str, list[str]] = {
                 "keepattn45-fastacc",
                 ["speed.activation_budget=0.45", "speed.keep_attention=true", "speed.fp8_fast_accum_backward=true"],
             ),  # fmt: skip
+            # + the LoRA down-projections sharing an input merged (speed.fuse_lora_inputs; not yet run on a GPU)
+            (
+                "keepattn45-fastacc-fuse",
+                [
+                    "speed.activation_budget=0.45",
+                    "speed.keep_attention=true",
+                    "speed.fp8_fast_accum_backward=true",
+                    "speed.fuse_lora_inputs=true",
+                ],
+            ),  # fmt: skip
+            ("nockpt-fuse", ["speed.fuse_lora_inputs=true"]),
         ]
     },
     "diag-cudnn-nofix": ["speed.attention_backend=cudnn", "speed.compile=none", "!nofix"],
@@ -379,7 +390,7 @@ def run_child(args: argparse.Namespace) -> None:
         "variant": args.child, "res": args.res[0], "layers": args.layers, "s_per_step": statistics.median(timed),
         "spread": (max(timed) - min(timed)) if len(timed) > 1 else 0.0, "first_step_s": times[0],
         "cpu_s": statistics.median(enqueued[args.warmup :]), "peak_gib": peak, "losses": losses, "profile": profile,
-        "gaps": gaps, "cudagraph_counters": _cudagraph_counters(),
+        "gaps": gaps, "cudagraph_counters": _cudagraph_counters(), "fused_lora_groups": _fused_lora_groups(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }  # fmt: skip
     print("RESULT " + json.dumps(result), flush=True)
@@ -390,6 +401,13 @@ def _cudagraph_counters() -> dict[str, int]:
     from torch._dynamo.utils import counters
 
     return {key: value for key, value in counters["inductor"].items() if "cudagraph" in key}
+
+
+def _fused_lora_groups() -> int:
+    """LoRA input groups that speed.fuse_lora_inputs merged in the compiled graphs (0: off, or inductor's cache)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"].get("kontext_lora_fused_lora_groups", 0)
 
 
 def profile_step(step, device: torch.device) -> dict[str, float]:

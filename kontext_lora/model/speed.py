@@ -7,6 +7,7 @@ matters (LoRA injected first, compile last). scripts/bench_step.py measures what
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -143,6 +144,7 @@ def compile_blocks(
     activation_budget: float = 1.0,
     keep_attention: bool = False,
     cuda_graphs: bool = False,
+    fuse_lora: bool = False,
 ) -> None:
     """torch.compile each repeated block (diffusers' regional compilation): one compile per block class, reused.
 
@@ -151,7 +153,7 @@ def compile_blocks(
     bans the attention forward from that recompute (`tag_attention_must_save`). cuda_graphs: inductor records each
     block's forward and backward as CUDA graphs and replays them (what torch.compile's mode="reduce-overhead" sets);
     each block has its own parameters, so each is recorded once (cudagraph trees re-record per static-input set).
-    The training step marks each step's start (`training_step`).
+    The training step marks each step's start (`training_step`). fuse_lora: `fuse_lora_inputs` on each block's graph.
     """
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
@@ -160,6 +162,7 @@ def compile_blocks(
     functorch_config.activation_memory_budget = activation_budget
     inductor_config.joint_custom_pre_pass = keep_attention_pass() if keep_attention else None
     inductor_config.triton.cudagraphs = cuda_graphs
+    inductor_config.pre_grad_custom_pass = fuse_lora_inputs_pass() if fuse_lora else None
     transformer.compile_repeated_blocks(fullgraph=False, dynamic=False)
 
 
@@ -202,6 +205,96 @@ def keep_attention_pass():
             return "kontext_lora.keep_attention.v1"
 
     return KeepAttention()
+
+
+LORA_FUSE_MAX_RANK = 128  # linears with more outputs than this are not LoRA down-projections: never concatenated
+# Where dynamo's graph switches autocast or grad mode: linears on either side of one are never fused together.
+_MODE_SWITCHES = (torch.amp.autocast_mode._enter_autocast, torch.amp.autocast_mode._exit_autocast,
+                  torch._C._set_grad_enabled)  # fmt: skip
+
+
+def _is_lora_down(node: torch.fx.Node) -> bool:
+    """A bias-free `linear(x, A)` whose weight is trainable with at most LORA_FUSE_MAX_RANK rows: a LoRA A."""
+    if node.op != "call_function" or node.target is not torch._C._nn.linear or len(node.args) < 2:
+        return False
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    weight = getattr(node.args[1], "meta", {}).get("example_value")
+    return (
+        bias is None
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+        and weight.requires_grad
+        and weight.shape[0] <= LORA_FUSE_MAX_RANK
+    )
+
+
+def _cast_source(node: object) -> tuple[object, object]:
+    """(tensor, dtype) when `node` is `tensor.to(dtype)` (PEFT casts the input to the adapter's dtype per adapter),
+    else (node, None): two adapters whose inputs give the same pair read the same values."""
+    if isinstance(node, torch.fx.Node) and node.op == "call_method" and node.target == "to":
+        args, kwargs = node.args, node.kwargs
+        if len(args) == 1 and set(kwargs) == {"dtype"}:
+            return args[0], kwargs["dtype"]
+        if len(args) == 2 and isinstance(args[1], torch.dtype) and not kwargs:
+            return args[0], args[1]
+    return node, None
+
+
+def fuse_lora_inputs(graph: torch.fx.Graph) -> int:
+    """Merge the LoRA down-projections that read the same input into one matmul; returns how many groups merged.
+
+    linear(x, A_q), linear(x, A_k), linear(x, A_v) -> split(linear(x, cat([A_q, A_k, A_v])), ranks). A dynamo graph
+    pass (before autograd), so backward follows: one matmul for the input's gradient instead of one per adapter plus
+    their sum, and one for the A gradients, each reading x once. Why: in a Flux single block q, k, v and proj_mlp
+    share their input, in a double block q, k, v do per stream, and at 1024^2 each LoRA matmul is memory-bound on
+    reading or writing an (8704, 3072) activation (docs/performance.md). Inductor's own `batch_linear_lhs` fusion
+    does this for 2-D inputs only; the blocks' are 3-D.
+    """
+    region, groups = 0, {}
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in _MODE_SWITCHES:
+            region += 1
+        elif _is_lora_down(node):
+            groups.setdefault((region, *_cast_source(node.args[0])), []).append(node)
+    merged = 0
+    for members in (group for group in groups.values() if len(group) > 1):
+        weights = [member.args[1] for member in members]
+        ranks = [weight.meta["example_value"].shape[0] for weight in weights]
+        with graph.inserting_before(members[0]):
+            stacked = graph.call_function(torch.cat, (weights,), {"dim": 0})  # (sum of ranks, in)
+            stacked.meta["example_value"] = torch.cat([w.meta["example_value"] for w in weights], dim=0)
+            fused = graph.call_function(torch._C._nn.linear, (members[0].args[0], stacked))  # (..., sum of ranks)
+            fused.meta["example_value"] = torch.cat([m.meta["example_value"] for m in members], dim=-1)
+            parts = graph.call_function(torch.split, (fused, ranks), {"dim": -1})
+            parts.meta["example_value"] = tuple(m.meta["example_value"] for m in members)
+            for index, member in enumerate(members):
+                part = graph.call_function(operator.getitem, (parts, index))
+                part.meta["example_value"] = member.meta["example_value"]
+                member.replace_all_uses_with(part)
+        for member in members:
+            cast = member.args[0]
+            graph.erase_node(member)
+            if isinstance(cast, torch.fx.Node) and not cast.users and _cast_source(cast)[1] is not None:
+                graph.erase_node(cast)  # another adapter's copy of the same cast, now unused
+        merged += 1
+    return merged
+
+
+def fuse_lora_inputs_pass():
+    """The inductor pre-grad pass that runs `fuse_lora_inputs` and counts the merged groups in dynamo's counters
+    (`counters["inductor"]["kontext_lora_fused_lora_groups"]`: whether it applied, for bench_step.py). With a uuid,
+    inductor's caches key on it; a cache hit reuses the merged code without running the pass (the count stays 0)."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class FuseLoraInputs(CustomGraphPass):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            counters["inductor"]["kontext_lora_fused_lora_groups"] += fuse_lora_inputs(graph)
+
+        def uuid(self) -> str:
+            return "kontext_lora.fuse_lora_inputs.v1"
+
+    return FuseLoraInputs()
 
 
 def float8_base_layers(transformer: torch.nn.Module) -> int:
@@ -263,12 +356,14 @@ def apply_speed(
         applied["checkpointed_blocks"] = len(enable_checkpointing(transformer, fraction))
     if _wants_compile(cfg.compile, device):
         cuda_graphs = cfg.cuda_graphs and device.type == "cuda"
-        compile_blocks(transformer, cfg.activation_budget, cfg.keep_attention, cuda_graphs)
+        compile_blocks(transformer, cfg.activation_budget, cfg.keep_attention, cuda_graphs, cfg.fuse_lora_inputs)
         applied["compiled"] = True
         if cfg.keep_attention:
             applied["keep_attention"] = True
         if cuda_graphs:
             applied["cuda_graphs"] = True
+        if cfg.fuse_lora_inputs:
+            applied["fuse_lora_inputs"] = True
     return applied
 
 
