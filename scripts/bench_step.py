@@ -47,6 +47,8 @@ REFERENCE_TARGETS = [
 
 # speed.* / train.* overrides of each of our variants; each option alone, then together.
 COMPILED_NO_CKPT = ["speed.attention_backend=cudnn", "speed.compile=blocks", "train.gradient_checkpointing=false"]
+KEEP_ATTENTION_45 = ["speed.activation_budget=0.45", "speed.keep_attention=true"]  # under 40 GiB at 1024^2
+FAST_ACCUM, FUSE_LORA = "speed.fp8_fast_accum_backward=true", "speed.fuse_lora_inputs=true"
 VARIANTS: dict[str, list[str]] = {
     "ours-eager": ["speed.attention_backend=flash", "speed.compile=none"],
     "ours-cudnn": ["speed.attention_backend=cudnn", "speed.compile=none"],
@@ -130,22 +132,11 @@ VARIANTS: dict[str, list[str]] = {
         ]
         for name, extra in [
             ("nockpt", []),
-            ("keepattn45", ["speed.activation_budget=0.45", "speed.keep_attention=true"]),
-            (
-                "keepattn45-fastacc",
-                ["speed.activation_budget=0.45", "speed.keep_attention=true", "speed.fp8_fast_accum_backward=true"],
-            ),  # fmt: skip
+            ("keepattn45", KEEP_ATTENTION_45),
+            ("keepattn45-fastacc", [*KEEP_ATTENTION_45, FAST_ACCUM]),
             # + the LoRA down-projections sharing an input merged (speed.fuse_lora_inputs; not yet run on a GPU)
-            (
-                "keepattn45-fastacc-fuse",
-                [
-                    "speed.activation_budget=0.45",
-                    "speed.keep_attention=true",
-                    "speed.fp8_fast_accum_backward=true",
-                    "speed.fuse_lora_inputs=true",
-                ],
-            ),  # fmt: skip
-            ("nockpt-fuse", ["speed.fuse_lora_inputs=true"]),
+            ("keepattn45-fastacc-fuse", [*KEEP_ATTENTION_45, FAST_ACCUM, FUSE_LORA]),
+            ("nockpt-fuse", [FUSE_LORA]),
         ]
     },
     "diag-cudnn-nofix": ["speed.attention_backend=cudnn", "speed.compile=none", "!nofix"],
@@ -441,13 +432,13 @@ def profile_step(step, device: torch.device) -> dict[str, float]:
 def trace_step(step, device: torch.device, path: Path) -> dict | None:
     """Trace one step, CPU and GPU (torch.profiler), write the Chrome trace to `path` and return trace_gaps.py's
     summary: how long the GPU sat idle waiting on launches, and which CPU ops ran meanwhile."""
+    if device.type != "cuda":
+        return None
     from torch.profiler import ProfilerActivity, profile
 
     sys.path.insert(0, str(Path(__file__).parent))
     from trace_gaps import analyze, format_summary, load_trace
 
-    if device.type != "cuda":
-        return None
     path.parent.mkdir(parents=True, exist_ok=True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step(None).item()

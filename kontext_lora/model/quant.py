@@ -190,11 +190,9 @@ class Float8WeightLinear(torch.nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach().to(device)  # (out, in)
         with torch.no_grad():
-            amax = weight.abs().amax(dim=1).float()  # (out,)
-            scale = (amax / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
-            qweight = (weight.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+            qweight, scale = quantize_rows(weight)  # per output channel: a weight row is a "row" as a token is
         self.qweight = _frozen(qweight.view(torch.uint8))  # (out, in)
-        self.scale = _frozen(scale)  # (out,) fp32
+        self.scale = _frozen(scale.squeeze(1))  # (out,) fp32
         bias = linear.bias
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().to(device), requires_grad=False)
         self.fp8_matmul = False  # True: multiply in fp8 (`use_fp8_matmuls`); False: dequantize to the compute dtype

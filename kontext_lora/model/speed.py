@@ -193,18 +193,23 @@ def tag_attention_must_save(graph: torch.fx.Graph) -> int:
     return marked
 
 
-def keep_attention_pass():
-    """The inductor joint-graph pass that runs `tag_attention_must_save` before partitioning (cacheable: a uuid)."""
+def _graph_pass(run, uuid: str):
+    """An inductor custom graph pass that calls `run(graph)`; the uuid keys inductor's caches on it."""
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
-    class KeepAttention(CustomGraphPass):
+    class Pass(CustomGraphPass):
         def __call__(self, graph: torch.fx.Graph) -> None:
-            tag_attention_must_save(graph)
+            run(graph)
 
         def uuid(self) -> str:
-            return "kontext_lora.keep_attention.v1"
+            return uuid
 
-    return KeepAttention()
+    return Pass()
+
+
+def keep_attention_pass():
+    """The inductor joint-graph pass that runs `tag_attention_must_save` before partitioning."""
+    return _graph_pass(tag_attention_must_save, "kontext_lora.keep_attention.v1")
 
 
 LORA_FUSE_MAX_RANK = 128  # linears with more outputs than this are not LoRA down-projections: never concatenated
@@ -285,16 +290,11 @@ def fuse_lora_inputs_pass():
     (`counters["inductor"]["kontext_lora_fused_lora_groups"]`: whether it applied, for bench_step.py). With a uuid,
     inductor's caches key on it; a cache hit reuses the merged code without running the pass (the count stays 0)."""
     from torch._dynamo.utils import counters
-    from torch._inductor.custom_graph_pass import CustomGraphPass
 
-    class FuseLoraInputs(CustomGraphPass):
-        def __call__(self, graph: torch.fx.Graph) -> None:
-            counters["inductor"]["kontext_lora_fused_lora_groups"] += fuse_lora_inputs(graph)
+    def run(graph: torch.fx.Graph) -> None:
+        counters["inductor"]["kontext_lora_fused_lora_groups"] += fuse_lora_inputs(graph)
 
-        def uuid(self) -> str:
-            return "kontext_lora.fuse_lora_inputs.v1"
-
-    return FuseLoraInputs()
+    return _graph_pass(run, "kontext_lora.fuse_lora_inputs.v1")
 
 
 def float8_base_layers(transformer: torch.nn.Module) -> int:

@@ -35,13 +35,27 @@ def _restore_global_state():
     torch._dynamo.reset()
 
 
-def _loss_and_grads(overrides: list[str]) -> tuple[float, torch.Tensor, dict]:
-    transformer, cfg, applied = tiny_lora_model(overrides)
+def _step(transformer: torch.nn.Module, cfg) -> tuple[float, torch.Tensor]:
+    """One training step of the tiny batch: (loss, the LoRA gradients flattened into one vector)."""
     with torch.autocast("cpu", dtype=torch.bfloat16):  # what accelerate's mixed_precision=bf16 wraps around forward
         loss = training_step(transformer, tiny_batch(), cfg, torch.Generator().manual_seed(3))
     loss.backward()
-    grads = torch.cat([p.grad.float().flatten() for p in lora_parameters(transformer)])
-    return loss.item(), grads, applied
+    return loss.item(), torch.cat([p.grad.float().flatten() for p in lora_parameters(transformer)])
+
+
+def _loss_and_grads(overrides: list[str]) -> tuple[float, torch.Tensor, dict]:
+    transformer, cfg, applied = tiny_lora_model(overrides)
+    return *_step(transformer, cfg), applied
+
+
+def _step_with_backend(backend) -> tuple[float, torch.Tensor]:
+    """`_step` with the tiny model's blocks compiled by `backend` instead of apply_speed's inductor."""
+    transformer, cfg, _ = tiny_lora_model(["speed.compile=none", "train.gradient_checkpointing=false"])
+    transformer.compile_repeated_blocks(fullgraph=False, dynamic=False, backend=backend)
+    try:
+        return _step(transformer, cfg)
+    finally:
+        torch._dynamo.reset()
 
 
 def test_fast_path_matches_the_eager_bf16_loss_and_lora_gradients() -> None:
@@ -87,13 +101,7 @@ def _backward_graph_ops(keep_attention: bool, budget: float) -> tuple[list[str],
         partition_fn=partition,
     )
     functorch_config.activation_memory_budget = budget
-    transformer, cfg, _ = tiny_lora_model(["speed.compile=none", "train.gradient_checkpointing=false"])
-    transformer.compile_repeated_blocks(fullgraph=False, dynamic=False, backend=backend)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = training_step(transformer, tiny_batch(), cfg, torch.Generator().manual_seed(3))
-    loss.backward()
-    torch._dynamo.reset()
-    return backward_ops, loss.item(), torch.cat([p.grad.float().flatten() for p in lora_parameters(transformer)])
+    return backward_ops, *_step_with_backend(backend)
 
 
 def test_keep_attention_stops_the_budgeted_partitioner_recomputing_the_attention() -> None:
@@ -183,7 +191,7 @@ def test_fp8_base_names_the_key_on_a_gpu_without_fp8_tensor_cores(monkeypatch) -
     assert "A100-SXM4-80GB is 8.0" in str(error.value)
 
 
-def _fused_lora_run(fuse: bool, preset: str) -> tuple[float, torch.Tensor, int, list[int]]:
+def _fused_lora_run(fuse: bool) -> tuple[float, torch.Tensor, int, list[int]]:
     """The tiny model's blocks compiled through AOTAutograd (no code generation), `fuse_lora_inputs` applied to each
     dynamo graph first if asked; returns the loss, the LoRA grads, the groups merged, and each graph's linear count."""
     from torch._dynamo.backends.debugging import aot_eager_decomp_partition
@@ -197,14 +205,8 @@ def _fused_lora_run(fuse: bool, preset: str) -> tuple[float, torch.Tensor, int, 
         linears.append(sum(n.target is torch._C._nn.linear for n in graph_module.graph.nodes))
         return aot_eager_decomp_partition(graph_module, inputs)
 
-    transformer, cfg, _ = tiny_lora_model(["speed.compile=none", "train.gradient_checkpointing=false",
-                                           f"lora.preset={preset}"])  # fmt: skip
-    transformer.compile_repeated_blocks(fullgraph=False, dynamic=False, backend=backend)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = training_step(transformer, tiny_batch(), cfg, torch.Generator().manual_seed(3))
-    loss.backward()
-    torch._dynamo.reset()
-    return loss.item(), torch.cat([p.grad.float().flatten() for p in lora_parameters(transformer)]), merged[0], linears
+    loss, grads = _step_with_backend(backend)
+    return loss, grads, merged[0], linears
 
 
 def test_fuse_lora_inputs_merges_the_adapters_sharing_an_input_and_keeps_the_numbers() -> None:
@@ -212,8 +214,8 @@ def test_fuse_lora_inputs_merges_the_adapters_sharing_an_input_and_keeps_the_num
     a single block's one (q, k, v and proj_mlp read the same normed input: 3 fewer). The loss and every LoRA
     gradient stay those of the unmerged graphs. (The first block of each kind is compiled twice: its input needs no
     gradient, the others' do: 4 graphs.)"""
-    loss, grads, merged, linears = _fused_lora_run(fuse=False, preset="attention_mlp")
-    fused_loss, fused_grads, fused_merged, fused_linears = _fused_lora_run(fuse=True, preset="attention_mlp")
+    loss, grads, merged, linears = _fused_lora_run(fuse=False)  # lora.preset's default: attention_mlp
+    fused_loss, fused_grads, fused_merged, fused_linears = _fused_lora_run(fuse=True)
     fewer = [a - b for a, b in zip(linears, fused_linears, strict=True)]
     assert merged == 0 and sorted(fewer) == [3, 3, 4, 4]
     assert fused_merged == sum(2 if n == 4 else 1 for n in fewer) == 6
