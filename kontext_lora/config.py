@@ -325,6 +325,11 @@ class SpeedConfig:
         "With compile: the LoRA down-projections that read the same input (q, k, v; a single block's MLP) run as one "
         "matmul, forward and backward.",
     )
+    tune_kernels: bool = opt(
+        False,
+        "With compile: inductor times block-size choices for each generated Triton kernel (coordinate descent) while "
+        "compiling; the first step takes minutes longer at full size.",
+    )
     fp8_base: bool = opt(
         False,
         "fp8 matmuls for the frozen base linears (GPUs with fp8 tensor cores): with memory.base_quant=fp8 on the "

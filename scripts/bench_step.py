@@ -49,6 +49,7 @@ REFERENCE_TARGETS = [
 COMPILED_NO_CKPT = ["speed.attention_backend=cudnn", "speed.compile=blocks", "train.gradient_checkpointing=false"]
 KEEP_ATTENTION_45 = ["speed.activation_budget=0.45", "speed.keep_attention=true"]  # under 40 GiB at 1024^2
 FAST_ACCUM, FUSE_LORA = "speed.fp8_fast_accum_backward=true", "speed.fuse_lora_inputs=true"
+TUNE = "speed.tune_kernels=true"
 VARIANTS: dict[str, list[str]] = {
     "ours-eager": ["speed.attention_backend=flash", "speed.compile=none"],
     "ours-cudnn": ["speed.attention_backend=cudnn", "speed.compile=none"],
@@ -134,8 +135,13 @@ VARIANTS: dict[str, list[str]] = {
             ("nockpt", []),
             ("keepattn45", KEEP_ATTENTION_45),
             ("keepattn45-fastacc", [*KEEP_ATTENTION_45, FAST_ACCUM]),
-            # + the LoRA down-projections sharing an input merged (speed.fuse_lora_inputs; not yet run on a GPU)
+            # + the LoRA down-projections sharing an input merged (speed.fuse_lora_inputs)
             ("keepattn45-fastacc-fuse", [*KEEP_ATTENTION_45, FAST_ACCUM, FUSE_LORA]),
+            ("keepattn45-fuse", [*KEEP_ATTENTION_45, FUSE_LORA]),
+            # + inductor's coordinate-descent tuning of the Triton kernels (speed.tune_kernels; minutes of compile)
+            ("keepattn45-fastacc-fuse-tune", [*KEEP_ATTENTION_45, FAST_ACCUM, FUSE_LORA, TUNE]),
+            ("keepattn45-fuse-tune", [*KEEP_ATTENTION_45, FUSE_LORA, TUNE]),
+            ("nockpt-fuse-tune", [FUSE_LORA, TUNE]),
             ("nockpt-fuse", [FUSE_LORA]),
         ]
     },

@@ -226,7 +226,9 @@ def test_fuse_lora_inputs_merges_the_adapters_sharing_an_input_and_keeps_the_num
 
 def test_fuse_lora_inputs_runs_in_inductor_through_apply_speed() -> None:
     """speed.fuse_lora_inputs=true: apply_speed registers the pre-grad pass, inductor runs it on each block graph
-    (6 groups merged over the 4 graphs, as above), and the compiled model's loss and gradients match eager bf16."""
+    (6 groups merged over the 4 graphs, as above), and the compiled model's loss and gradients match eager bf16.
+    speed.tune_kernels=true rides along: it switches on inductor's coordinate-descent tuning (Triton kernels only, so
+    CPU code is unchanged)."""
     from torch._dynamo.utils import counters
 
     loss, grads, _ = _loss_and_grads(["speed.compile=none", "train.gradient_checkpointing=false"])
@@ -234,8 +236,14 @@ def test_fuse_lora_inputs_runs_in_inductor_through_apply_speed() -> None:
     # Compiled afresh: on a cache hit inductor reuses the code the pass shaped without running the pass again.
     with torch._inductor.config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
         fused_loss, fused_grads, applied = _loss_and_grads(
-            ["speed.compile=blocks", "train.gradient_checkpointing=false", "speed.fuse_lora_inputs=true"]
+            [
+                "speed.compile=blocks",
+                "train.gradient_checkpointing=false",
+                "speed.fuse_lora_inputs=true",
+                "speed.tune_kernels=true",
+            ]
         )
+    assert applied["fuse_lora_inputs"] is applied["tune_kernels"] is torch._inductor.config.coordinate_descent_tuning
     assert applied["fuse_lora_inputs"] is True
     assert torch._inductor.config.pre_grad_custom_pass.uuid() == "kontext_lora.fuse_lora_inputs.v1"
     assert counters["inductor"]["kontext_lora_fused_lora_groups"] == 6
