@@ -102,9 +102,10 @@ def _plan(args: argparse.Namespace) -> int:
     from kontext_lora.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    from kontext_lora.planner import PLAN_HEADROOM, candidates, choose, plan_table
+    from kontext_lora.planner import PLAN_HEADROOM, candidates, choose, fp8_matmuls_available, plan_table
 
-    preds = candidates(cfg, args.vram)
+    fp8_matmuls = args.fp8_matmuls == "yes" or (args.fp8_matmuls == "auto" and fp8_matmuls_available())
+    preds = candidates(cfg, args.vram, fp8_matmuls=fp8_matmuls)
     shape = f"{cfg.data.resolution}^2, batch {cfg.train.batch_size}, rank {cfg.lora.rank}, {cfg.optim.optimizer}"
     print(f"memory plan for {args.vram:g} GiB (a candidate fits under {1 - PLAN_HEADROOM:.0%} of it), {shape}:")
     chosen = choose(preds, args.vram)
@@ -186,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config file")
     p.add_argument("--vram", type=float, required=True, help="accelerator memory budget in GiB")
     p.add_argument("--show", type=int, default=20, help="candidates shown, fastest first")
+    p.add_argument(
+        "--fp8-matmuls",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="consider fp8 matmuls on an fp8-stored base (auto: if this machine's GPU has fp8 tensor cores)",
+    )
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     p.set_defaults(func=_plan)
 

@@ -12,6 +12,11 @@
 and s/step = a per-step overhead + model FLOPs x seconds per TFLOP (compiled or eager) x (1 + recompute) + the
 base weights' dequantization + the swap transfer that prefetching cannot hide.
 
+fp8 matmuls (`speed.fp8_base` on an fp8-stored base) are a mode of their own, offered on GPUs with fp8 tensor cores
+and only as they were measured (docs/performance.md): compiled, no block checkpointing or swap, the attention never
+recomputed (`speed.keep_attention`) and CUDA graphs (`speed.cuda_graphs`, so single-process runs without gradient
+accumulation). Their activations per activation budget and their seconds per TFLOP have constants of their own.
+
 Parameter counts come from the model itself: `<model.pretrained>/transformer/config.json` (or FLUX.1's shape when
 that folder is absent) is built on the meta device with diffusers and the LoRA injected by PEFT, so every adapter
 kind / rank pattern is counted as training will see it. The fitted constants live in one file,
@@ -44,6 +49,10 @@ FLUX_TRANSFORMER = dict(
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 QUANT_LEVELS = ("none", "fp8", "nf4")  # in order of preference: the less the base is quantized, the closer the loss
+# choose()'s order of preference: fp8 matmuls round activations and gradients too, so they rank after fp8 storage.
+PRECISION_LEVELS = (("none", False), ("fp8", False), ("fp8", True), ("nf4", False))
+FP8MM_FIXED_TOKENS = 4096  # the scale of the fp8-matmul activations' part that does not grow with the image
+FP8_MATMUL_BUDGETS = (1.0, 0.6, 0.5, 0.45)  # as measured; on a tie in s/step the first (least recompute) wins
 # Optimizer state bytes per trainable element (adafactor: factored second moment, counted per tensor below).
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "adafactor": 0}
 # A plan keeps its predicted peak this fraction under the budget: the caching allocator's fragmentation counts against
@@ -195,23 +204,35 @@ class Knobs:
     checkpoint_fraction: float = 1.0
     compile: str = "none"
     activation_budget: float = 1.0
+    fp8_matmuls: bool = False  # with base_quant fp8: speed.fp8_base, keep_attention (budget < 1) and cuda_graphs
 
     @classmethod
     def of(cls, cfg: Config) -> Knobs:
+        fp8_mm = cfg.speed.fp8_base and cfg.memory.base_quant == "fp8"
         return cls(cfg.memory.base_quant, cfg.memory.block_swap, cfg.train.gradient_checkpointing,
-                   cfg.speed.checkpoint_fraction, cfg.speed.compile, cfg.speed.activation_budget)  # fmt: skip
+                   cfg.speed.checkpoint_fraction, cfg.speed.compile, cfg.speed.activation_budget, fp8_mm)  # fmt: skip
 
     def overrides(self) -> list[str]:
-        """The knobs as `key=value` config overrides."""
-        return [f"memory.base_quant={self.base_quant}", f"memory.block_swap={self.block_swap}",
+        """The knobs as `key=value` config overrides (what `apply` sets)."""
+        keys = [f"memory.base_quant={self.base_quant}", f"memory.block_swap={self.block_swap}",
                 f"train.gradient_checkpointing={str(self.gradient_checkpointing).lower()}",
                 f"speed.checkpoint_fraction={self.checkpoint_fraction}", f"speed.compile={self.compile}",
                 f"speed.activation_budget={self.activation_budget}"]  # fmt: skip
+        if self.fp8_matmuls:
+            keys += ["speed.fp8_base=true", "speed.cuda_graphs=true"]
+            keys += ["speed.keep_attention=true"] if self.activation_budget < 1 else []
+        elif self.base_quant == "fp8":  # speed.fp8_base on an fp8-stored base would mean fp8 matmuls
+            keys += ["speed.fp8_base=false", "speed.fp8_fast_accum_backward=false"]
+        return keys
 
     def label(self) -> str:
         ckpt = f"ckpt {self.checkpoint_fraction:g}" if self.gradient_checkpointing else "no ckpt"
         compiled = f"compiled (budget {self.activation_budget:g})" if self.compile != "none" else "eager"
-        return f"{self.base_quant}, swap {self.block_swap}, {ckpt}, {compiled}"
+        return f"{self.quant_label}, swap {self.block_swap}, {ckpt}, {compiled}"
+
+    @property
+    def quant_label(self) -> str:
+        return f"{self.base_quant} + fp8 matmuls" if self.fp8_matmuls else self.base_quant
 
     def apply(self, cfg: Config) -> Config:
         cfg = copy.deepcopy(cfg)
@@ -221,6 +242,11 @@ class Knobs:
             self.checkpoint_fraction,
         )
         cfg.speed.compile, cfg.speed.activation_budget = self.compile, self.activation_budget
+        if self.fp8_matmuls:
+            cfg.speed.fp8_base = cfg.speed.cuda_graphs = True
+            cfg.speed.keep_attention = cfg.speed.keep_attention or self.activation_budget < 1
+        elif self.base_quant == "fp8":
+            cfg.speed.fp8_base = cfg.speed.fp8_fast_accum_backward = False
         return cfg
 
 
@@ -304,6 +330,7 @@ def features(
     tokens = target + control + text
     batch = cfg.train.batch_size
     compiled = knobs.compile != "none"  # the planner predicts a CUDA run, where `auto` compiles
+    fp8mm = compiled and knobs.fp8_matmuls  # measured compiled only; eager fp8 matmuls are predicted as fp8 storage
     swapped = swapped_blocks(n, knobs.block_swap)
     ckpt = (spread_blocks(n, knobs.checkpoint_fraction) if knobs.gradient_checkpointing else set()) | swapped
     live = n - len(ckpt)
@@ -311,7 +338,14 @@ def features(
 
     mem: dict[str, float] = {"overhead": 1.0, "ckpt_input": unit * len(ckpt)}
     mode_blocks = live + (1 if ckpt else 0)  # + the one block recomputed in backward
-    if compiled:
+    if fp8mm:
+        # Under a budget < 1 the partitioner kept relatively more of a 512^2 block than of a 1024^2 one (23.0 against
+        # 39.0 GiB at 0.45 on an H200): a part per block that does not shrink with the image, FP8MM_FIXED_TOKENS
+        # tokens' worth, fitted beside the part per token.
+        for key, w in _interp(calib["memory"]["fp8mm_budget_points"], knobs.activation_budget):
+            mem[f"live_fp8mm:{key}"] = w * unit * mode_blocks
+            mem[f"fixed_fp8mm:{key}"] = w * batch * FP8MM_FIXED_TOKENS * count.hidden * mode_blocks
+    elif compiled:
         for key, w in _interp(calib["memory"]["budget_points"], knobs.activation_budget):
             mem[f"live_compiled:{key}"] = w * unit * mode_blocks
     else:
@@ -332,15 +366,15 @@ def features(
     known["optimizer"] = states
 
     flops = step_tflops(count, target + control, text, batch)
-    mode = "compiled" if compiled else "eager"
+    mode = "fp8mm" if fp8mm else "compiled" if compiled else "eager"
     tim: dict[str, float] = {f"overhead_{mode}": 1.0, f"tflop_{mode}": flops, "recompute": flops * len(ckpt) / n}
-    if compiled:
+    if compiled and not fp8mm:  # with the attention kept, fp8 matmuls measured flat over budgets 0.45-1.0
         for key, w in _interp(calib["memory"]["budget_points"], knobs.activation_budget):
             tim[f"budget_cost:{key}"] = w * flops * live / n
     quantized = sum(
         out * inp for block in count.blocks for out, inp in block.linears + block.context_linears + block.modulation
     )
-    if knobs.base_quant != "none":  # dequantized in forward, in the recompute and in backward
+    if knobs.base_quant != "none" and not fp8mm:  # dequantized in forward, in the recompute and in backward
         passes = 2 + len(ckpt) / n
         tim[f"dequant_{knobs.base_quant}"] = quantized * passes / 1e9
     # Swap: each swapped block's weights cross twice a step (forward, backward); prefetching hides a transfer behind
@@ -389,30 +423,49 @@ def predict(
 # --------------------------------------------------------------------------------------------- planning
 
 
-def candidate_knobs(cfg: Config, blocks: int) -> list[Knobs]:
-    """Every knob set the planner considers (block swap is chosen per set: the fewest blocks that fit)."""
+def candidate_knobs(cfg: Config, blocks: int, fp8_matmuls: bool = False) -> list[Knobs]:
+    """Every knob set the planner considers (block swap is chosen per set: the fewest blocks that fit). fp8_matmuls:
+    add the fp8-matmul sets, as measured (compiled, no checkpointing, FP8_MATMUL_BUDGETS), where CUDA graphs can
+    run (train.gradient_accumulation 1)."""
     compile_on = cfg.speed.compile if cfg.speed.compile != "none" else None  # an explicit `none` is respected
     kinds: list[tuple[str, float]] = [("none", 1.0)]
     if compile_on:
         kinds += [(compile_on, budget) for budget in (1.0, 0.5, 0.3)]
     checkpointing = [(False, 1.0)] + [(True, f) for f in (0.25, 0.5, 0.75, 1.0)]
-    return [
+    knobs = [
         Knobs(quant, 0, ckpt, fraction, compiled, budget)
         for quant in QUANT_LEVELS
         for compiled, budget in kinds
         for ckpt, fraction in checkpointing
     ]
+    if fp8_matmuls and compile_on and cfg.train.gradient_accumulation == 1:
+        knobs += [Knobs("fp8", 0, False, 1.0, compile_on, budget, True) for budget in FP8_MATMUL_BUDGETS]
+    return knobs
 
 
-def candidates(cfg: Config, budget_gib: float, count: ModelCount | None = None, swap: bool = True) -> list[Prediction]:
+def fp8_matmuls_available() -> bool:
+    """Whether this machine's GPU has fp8 tensor cores (compute capability 8.9+), which speed.fp8_base needs."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+def candidates(
+    cfg: Config,
+    budget_gib: float,
+    count: ModelCount | None = None,
+    swap: bool = True,
+    fp8_matmuls: bool = False,
+) -> list[Prediction]:
     """A prediction per candidate knob set, each with the fewest swapped blocks that fit `budget_gib` (or all;
-    none when `swap` is false)."""
+    none when `swap` is false, nor for fp8 matmuls, which were never run with a swap). fp8_matmuls: consider them
+    (a GPU with fp8 tensor cores, a single process: CUDA graphs)."""
     count, calib = count or count_model(cfg), load_calibration()
     n = len(count.blocks)
     out = []
-    for knobs in candidate_knobs(cfg, n):
+    for knobs in candidate_knobs(cfg, n, fp8_matmuls):
         # The fewest swapped blocks that fit (a scan: swapping the first double block can cost more than it frees).
-        for swapped in range(n + 1 if swap else 1):
+        for swapped in range(n + 1 if swap and not knobs.fp8_matmuls else 1):
             pred = predict(cfg, count, calib, dataclasses.replace(knobs, block_swap=swapped))
             if pred.fits(budget_gib):
                 break
@@ -432,19 +485,24 @@ def choose(preds: list[Prediction], budget_gib: float, exact_within: float = 1.2
             "lora.rank or raise the budget"
         )
     fastest = min(fitting, key=lambda p: p.s_per_step)
-    for level in QUANT_LEVELS:
-        same = [p for p in fitting if p.knobs.base_quant == level and p.s_per_step <= exact_within * fastest.s_per_step]
+    for quant, fp8_matmuls in PRECISION_LEVELS:
+        same = [
+            p
+            for p in fitting
+            if (p.knobs.base_quant, p.knobs.fp8_matmuls) == (quant, fp8_matmuls)
+            and p.s_per_step <= exact_within * fastest.s_per_step
+        ]
         if same:
             return min(same, key=lambda p: p.s_per_step)
     return fastest
 
 
 def plan(
-    cfg: Config, budget_gib: float, count: ModelCount | None = None, swap: bool = True
+    cfg: Config, budget_gib: float, count: ModelCount | None = None, swap: bool = True, fp8_matmuls: bool = False
 ) -> tuple[Config, Prediction]:
     """The cheapest knob set that fits `budget_gib`: (cfg with it applied, its prediction); ConfigError if none fits.
-    `swap=False` leaves block swap out of the candidates."""
-    chosen = choose(candidates(cfg, budget_gib, count, swap), budget_gib)
+    `swap=False` leaves block swap out of the candidates; `fp8_matmuls` adds those sets (see `candidates`)."""
+    chosen = choose(candidates(cfg, budget_gib, count, swap, fp8_matmuls), budget_gib)
     return chosen.knobs.apply(cfg), chosen
 
 
@@ -452,9 +510,11 @@ def apply_budget(cfg: Config, log=print) -> Config:
     """memory.budget_gib > 0: `cfg` with the planned knobs (printed when they change anything); else `cfg`."""
     if cfg.memory.budget_gib <= 0:
         return cfg
-    # Block swap refuses several processes (DDP broadcasts every weight, swapped ones too): plan without it there.
+    # Block swap refuses several processes (DDP broadcasts every weight, swapped ones too): plan without it there;
+    # nor fp8 matmuls, measured on one GPU only (with CUDA graphs).
     single_process = int(os.environ.get("WORLD_SIZE", "1")) == 1
-    planned, pred = plan(cfg, cfg.memory.budget_gib, swap=single_process)
+    fp8_matmuls = single_process and fp8_matmuls_available()
+    planned, pred = plan(cfg, cfg.memory.budget_gib, swap=single_process, fp8_matmuls=fp8_matmuls)
     if Knobs.of(planned) != Knobs.of(cfg):
         log(f"[kontext-lora] memory plan for {cfg.memory.budget_gib:g} GiB: {pred.knobs.label()} -> predicted "
             f"{pred.peak_gib:.1f} GiB, {pred.s_per_step:.2f} s/step ({' '.join(pred.knobs.overrides())})")  # fmt: skip
@@ -471,7 +531,7 @@ def plan_table(preds: list[Prediction], budget_gib: float, limit: int = 20, chos
         ckpt = f"{k.checkpoint_fraction:g}" if k.gradient_checkpointing else "off"
         compiled = f"{k.compile} (budget {k.activation_budget:g})" if k.compile != "none" else "none"
         fits = ("yes" if p.fits(budget_gib) else "no") + (" (chosen)" if p is chosen else "")
-        lines.append(f"| {k.base_quant} | {k.block_swap} | {ckpt} | {compiled} | {p.peak_gib:.1f} | "
+        lines.append(f"| {k.quant_label} | {k.block_swap} | {ckpt} | {compiled} | {p.peak_gib:.1f} | "
                      f"{p.s_per_step:.3f} | {fits} |")  # fmt: skip
     if len(preds) > len(shown):
         lines.append(f"({len(preds) - len(shown)} more candidates not shown: --show N)")

@@ -134,6 +134,9 @@ VARIANTS: dict[str, list[str]] = {
         for name, extra in [
             ("nockpt", []),
             ("keepattn45", KEEP_ATTENTION_45),
+            # the planner's other fp8-matmul candidates (kontext_lora/planner.py: FP8_MATMUL_BUDGETS)
+            ("keepattn50", ["speed.activation_budget=0.5", "speed.keep_attention=true"]),
+            ("keepattn60", ["speed.activation_budget=0.6", "speed.keep_attention=true"]),
             ("keepattn45-fastacc", [*KEEP_ATTENTION_45, FAST_ACCUM]),
             # + the LoRA down-projections sharing an input merged (speed.fuse_lora_inputs)
             ("keepattn45-fastacc-fuse", [*KEEP_ATTENTION_45, FAST_ACCUM, FUSE_LORA]),
