@@ -444,10 +444,12 @@ def candidate_knobs(cfg: Config, blocks: int, fp8_matmuls: bool = False) -> list
 
 
 def fp8_matmuls_available() -> bool:
-    """Whether this machine's GPU has fp8 tensor cores (compute capability 8.9+), which speed.fp8_base needs."""
+    """Whether this machine's GPU has the fp8 tensor cores that speed.fp8_base needs (apply_speed's threshold)."""
     import torch
 
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+    from kontext_lora.model.speed import FP8_MIN_CAPABILITY
+
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= FP8_MIN_CAPABILITY
 
 
 def candidates(

@@ -47,7 +47,14 @@ REFERENCE_TARGETS = [
 
 # speed.* / train.* overrides of each of our variants; each option alone, then together.
 COMPILED_NO_CKPT = ["speed.attention_backend=cudnn", "speed.compile=blocks", "train.gradient_checkpointing=false"]
-KEEP_ATTENTION_45 = ["speed.activation_budget=0.45", "speed.keep_attention=true"]  # under 40 GiB at 1024^2
+
+
+def keep_attention(budget: float) -> list[str]:
+    """An activation budget with the attention forward never recomputed (speed.keep_attention)."""
+    return [f"speed.activation_budget={budget}", "speed.keep_attention=true"]
+
+
+KEEP_ATTENTION_45 = keep_attention(0.45)  # under 40 GiB at 1024^2
 FAST_ACCUM, FUSE_LORA = "speed.fp8_fast_accum_backward=true", "speed.fuse_lora_inputs=true"
 TUNE = "speed.tune_kernels=true"
 VARIANTS: dict[str, list[str]] = {
@@ -109,8 +116,7 @@ VARIANTS: dict[str, list[str]] = {
     **{
         f"ours-fp8mm-keepattn{round(budget * 100)}": [
             *COMPILED_NO_CKPT,
-            f"speed.activation_budget={budget}",
-            "speed.keep_attention=true",
+            *keep_attention(budget),
             "memory.base_quant=fp8",
             "speed.fp8_base=true",
         ]
@@ -135,8 +141,8 @@ VARIANTS: dict[str, list[str]] = {
             ("nockpt", []),
             ("keepattn45", KEEP_ATTENTION_45),
             # the planner's other fp8-matmul candidates (kontext_lora/planner.py: FP8_MATMUL_BUDGETS)
-            ("keepattn50", ["speed.activation_budget=0.5", "speed.keep_attention=true"]),
-            ("keepattn60", ["speed.activation_budget=0.6", "speed.keep_attention=true"]),
+            ("keepattn50", keep_attention(0.5)),
+            ("keepattn60", keep_attention(0.6)),
             ("keepattn45-fastacc", [*KEEP_ATTENTION_45, FAST_ACCUM]),
             # + the LoRA down-projections sharing an input merged (speed.fuse_lora_inputs)
             ("keepattn45-fastacc-fuse", [*KEEP_ATTENTION_45, FAST_ACCUM, FUSE_LORA]),

@@ -158,6 +158,19 @@ def compile_blocks(
     tune_kernels: inductor's coordinate-descent search over each Triton kernel's block sizes, timed on the device at
     compile time (-8 ms of a 0.76 s 1024^2 step on an H100, docs/performance.md; the first step took 4 minutes).
     """
+    configure_compiler(activation_budget, keep_attention, cuda_graphs, fuse_lora, tune_kernels)
+    transformer.compile_repeated_blocks(fullgraph=False, dynamic=False)
+
+
+def configure_compiler(
+    activation_budget: float = 1.0,
+    keep_attention: bool = False,
+    cuda_graphs: bool = False,
+    fuse_lora: bool = False,
+    tune_kernels: bool = False,
+) -> None:
+    """Set the process-wide compiler switches that `compile_blocks` documents; called with no arguments, turn them
+    all off (budget 1.0: keep every activation)."""
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
@@ -167,7 +180,6 @@ def compile_blocks(
     inductor_config.triton.cudagraphs = cuda_graphs
     inductor_config.pre_grad_custom_pass = fuse_lora_inputs_pass() if fuse_lora else None
     inductor_config.coordinate_descent_tuning = tune_kernels
-    transformer.compile_repeated_blocks(fullgraph=False, dynamic=False)
 
 
 ATTENTION_OPS = (
@@ -323,6 +335,9 @@ def float8_base_layers(transformer: torch.nn.Module) -> int:
     return len(swapped)
 
 
+FP8_MIN_CAPABILITY = (8, 9)  # compute capability with fp8 tensor cores (Ada, Hopper and newer): speed.fp8_base
+
+
 def apply_speed(
     transformer: torch.nn.Module,
     cfg: SpeedConfig,
@@ -335,7 +350,7 @@ def apply_speed(
     if cfg.cuda_graphs and block_swap:  # also checked at load; here for a block swap the planner chose
         raise ConfigError(CUDA_GRAPHS_WITH_SWAP)
     capability = torch.cuda.get_device_capability(device) if cfg.fp8_base and device.type == "cuda" else None
-    if capability is not None and capability < (8, 9):
+    if capability is not None and capability < FP8_MIN_CAPABILITY:
         major, minor = capability
         raise ConfigError(
             f"config key `speed.fp8_base`: needs a GPU with fp8 tensor cores (compute capability 8.9+: Ada, Hopper or "

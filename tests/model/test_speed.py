@@ -14,6 +14,7 @@ from kontext_lora.config import ConfigError, load_config
 from kontext_lora.model.lora import lora_parameters
 from kontext_lora.model.speed import (
     _ContiguousGrad,
+    configure_compiler,
     fuse_lora_inputs,
     set_attention_backend,
     tag_attention_must_save,
@@ -28,10 +29,7 @@ def _restore_global_state():
     """apply_speed sets process-wide switches (SDPA kernels, the partitioner's budget, compiled code): undo them."""
     yield
     set_attention_backend("default")
-    functorch_config.activation_memory_budget = 1.0
-    torch._inductor.config.joint_custom_pre_pass = None
-    torch._inductor.config.triton.cudagraphs = False
-    torch._inductor.config.pre_grad_custom_pass = None
+    configure_compiler()
     torch._dynamo.reset()
 
 
