@@ -13,6 +13,7 @@ _USER_ERRORS = {
     "kontext_lora.data.triples": "DataError",
     "kontext_lora.model.load": "ModelError",
     "kontext_lora.train.loop": "TrainingError",
+    "kontext_lora.train.job": "JobOutOfMemory",
     "kontext_lora.export.formats": "FormatError",
 }
 
@@ -129,6 +130,7 @@ def _infer(args: argparse.Namespace) -> int:
     out = run_inference(
         model=args.model, image=args.image, prompt=args.prompt, out=args.out, lora=args.lora, scale=args.scale,
         steps=args.steps, guidance=args.guidance, seed=args.seed, dtype=args.dtype, size=args.size,
+        offload=args.offload,
     )  # fmt: skip
     print(out)
     return 0
@@ -213,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--size", type=int, help="square output side (default: Kontext's preferred ~1 MP size)")
+    p.add_argument("--offload", default="auto", choices=["auto", "none", "model", "group"],
+                   help="GPU placement: all on it, each model only while it runs, or blocks streamed from CPU memory "
+                   "(auto: the first that fits)")  # fmt: skip
     p.set_defaults(func=_infer)
 
     p = sub.add_parser("keys", help="list every config key with its type, default and doc")

@@ -9,7 +9,12 @@ from PIL import Image
 
 from kontext_lora.config import ModelConfig
 from kontext_lora.data.triples import load_image
+from kontext_lora.model.device import device_limit_bytes
 from kontext_lora.model.load import load_pipeline
+
+OFFLOADS = ("auto", "none", "model", "group")
+# Held beside the weights while one ~1 MP edit runs: the transformer's no-grad activations and the VAE decode.
+INFER_ACTIVATION_BYTES = 6 * 2**30
 
 
 def run_inference(
@@ -25,18 +30,22 @@ def run_inference(
     dtype: str = "bfloat16",
     device: str | None = None,
     size: int | None = None,
+    offload: str = "auto",
 ) -> Path:
     """Edit `image` following `prompt` with the base model (+ LoRA at `scale`); writes and returns `out`.
 
     Without `size` the pipeline picks Kontext's preferred ~1 MP resolution for the image's aspect ratio;
-    with `size` the output is size x size (useful for the tiny model).
+    with `size` the output is size x size (useful for the tiny model). `offload` places the pipeline (`place_pipeline`).
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_pipeline(ModelConfig(pretrained=str(model), dtype=dtype)).to(device)
-    pipe.set_progress_bar_config(disable=False)
+    pipe = load_pipeline(ModelConfig(pretrained=str(model), dtype=dtype))
     if lora is not None:
         pipe.load_lora_weights(str(lora), adapter_name="kontext_lora")
         pipe.set_adapters(["kontext_lora"], adapter_weights=[scale])
+    chosen = place_pipeline(pipe, torch.device(device), offload)
+    if chosen != "none":
+        print(f"[kontext-lora] offload: {chosen} (the pipeline does not fit the device whole)")
+    pipe.set_progress_bar_config(disable=False)
     control = load_image(image)
     extra = {} if size is None else {"height": size, "width": size, "max_area": size * size, "_auto_resize": False}
     if size is not None:
@@ -53,3 +62,29 @@ def run_inference(
     out.parent.mkdir(parents=True, exist_ok=True)
     result.save(out)
     return out
+
+
+def place_pipeline(pipe, device: torch.device, offload: str = "auto") -> str:
+    """Put the pipeline on `device`: none (all of it there), model (each component there only while it runs:
+    diffusers' model CPU offload), group (the transformer and T5 streamed block by block from CPU memory: diffusers'
+    group offload) or auto (the first of these that fits the memory this process may use). Returns the choice."""
+    if offload not in OFFLOADS:
+        raise ValueError(f"offload must be one of {', '.join(OFFLOADS)}, not {offload!r}")
+    limit = device_limit_bytes(device)
+    if offload == "auto":
+        sizes = {name: sum(p.numel() * p.element_size() for p in module.parameters())
+                 for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)}  # fmt: skip
+        if limit is None or sum(sizes.values()) + INFER_ACTIVATION_BYTES <= limit:
+            offload = "none"
+        elif max(sizes.values()) + INFER_ACTIVATION_BYTES <= limit:
+            offload = "model"
+        else:
+            offload = "group"
+    if offload == "none":
+        pipe.to(device)
+    elif offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"), offload_type="block_level",
+                                  num_blocks_per_group=1, use_stream=device.type == "cuda")  # fmt: skip
+    return offload

@@ -340,45 +340,80 @@ class NF4WeightLinear(torch.nn.Module):
 QUANTIZED = (Float8WeightLinear, NF4WeightLinear)
 
 
-def _frozen_block_linears(transformer: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
-    """(parent, attribute) of every frozen nn.Linear inside the repeated blocks (adapter layers excluded)."""
+def _frozen_block_linears(transformer: torch.nn.Module) -> list[tuple[int, torch.nn.Module, str]]:
+    """(block index, parent, attribute) of every frozen nn.Linear inside the repeated blocks (adapter layers
+    excluded); blocks are numbered double then single, as model/swap.py numbers them."""
     found = []
-    for blocks in (transformer.transformer_blocks, transformer.single_transformer_blocks):
-        for block in blocks:
-            for parent in block.modules():
-                for name, child in parent.named_children():
-                    if type(child) is torch.nn.Linear and not child.weight.requires_grad:
-                        found.append((parent, name))
+    blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+    for index, block in enumerate(blocks):
+        for parent in block.modules():
+            for name, child in parent.named_children():
+                if type(child) is torch.nn.Linear and not child.weight.requires_grad:
+                    found.append((index, parent, name))
     return found
 
 
-def quantize_base(transformer: torch.nn.Module, mode: str, device: torch.device | None = None) -> int:
+def quantize_base(
+    transformer: torch.nn.Module,
+    mode: str,
+    device: torch.device | None = None,
+    host_blocks: frozenset[int] = frozenset(),
+) -> int:
     """Store the frozen linears of the transformer's repeated blocks in fp8 or nf4; returns how many were converted.
 
     Layer by layer: each bf16 weight is moved to `device` (when given), quantized there and dropped, so the device's
     peak is about the quantized model plus one layer, whether the model arrives on the CPU or already on the device.
-    The rest of the model (embedders, norms, the LoRA) is moved to `device` at the end. nf4 needs a weight's element
-    count to be a multiple of 64 * 256; layers that are not stay unquantized (counted in `quantization_report`).
+    The fp8 layers of `host_blocks` (the blocks memory.block_swap will keep in CPU memory) go back to the CPU at
+    once, so a base that fits the device only once swapped never has to be there whole (nf4 layers, whose tensor
+    subclass the swap cannot take from the CPU, stay on the device until it swaps them). The rest of the model
+    (embedders, norms, the LoRA) is moved to `device` at the end. nf4 needs a weight's element count to be a multiple
+    of 64 * 256; layers that are not stay unquantized (counted in `quantization_report`).
     """
     if mode not in MODES:
         raise ConfigError(f"config key `memory.base_quant`: {mode!r} is not one of none, {', '.join(MODES)}")
     converted = kept = 0
-    for parent, name in _frozen_block_linears(transformer):
+    for index, parent, name in _frozen_block_linears(transformer):
         linear = getattr(parent, name)
         if mode == "nf4" and linear.weight.numel() % NF4_GRANULE:
             kept += 1
             linear.to(device)
             continue
         quantized = (Float8WeightLinear if mode == "fp8" else NF4WeightLinear)(linear, device)
+        if index in host_blocks and mode == "fp8":
+            quantized.to("cpu")
         setattr(parent, name, quantized)  # the bf16 Linear (and its weight) is freed once `linear` is rebound
         del linear, quantized
         converted += 1
     if device is not None:
-        transformer.to(device)
+        move_except_host_blocks(transformer, device, host_blocks if mode == "fp8" else frozenset())
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # hand the freed bf16 weights back, so the reserved memory shows the quantized size
     transformer._kontext_base_quant = {"mode": mode, "linears": converted, "kept": kept}
     return converted
+
+
+def move_except_host_blocks(transformer: torch.nn.Module, device: torch.device, host_blocks: frozenset[int]) -> None:
+    """Move the transformer to `device`, except the frozen tensors of the blocks in `host_blocks` (their trainable
+    LoRA parameters move too): those stay in CPU memory for memory.block_swap, which copies them in as they run."""
+    if not host_blocks:
+        transformer.to(device)
+        return
+    blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+    host = {id(module) for index in host_blocks for module in blocks[index].modules()}
+    for module in transformer.modules():
+        keep_frozen = id(module) in host
+        for name, param in module._parameters.items():
+            if param is None or (keep_frozen and not param.requires_grad):
+                continue
+            moved = param.data.to(device)
+            if torch._has_compatible_shallow_copy_type(param.data, moved):  # as Module._apply: same Parameter object
+                param.data = moved
+            else:
+                module._parameters[name] = torch.nn.Parameter(moved, requires_grad=param.requires_grad)
+        if not keep_frozen:
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    module._buffers[name] = buffer.to(device)
 
 
 def quantization_report(transformer: torch.nn.Module) -> dict[str, object] | None:

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.utils.checkpoint import checkpoint
 
 from kontext_lora.config import CUDA_GRAPHS_WITH_SWAP, Config, ConfigError, SpeedConfig
-from kontext_lora.model.quant import quantization_report, quantize_base, use_fp8_matmuls
-from kontext_lora.model.swap import enable_block_swap, is_swapped, swapped_bytes
+from kontext_lora.model.quant import move_except_host_blocks, quantization_report, quantize_base, use_fp8_matmuls
+from kontext_lora.model.swap import enable_block_swap, is_swapped, swapped_block_indices, swapped_bytes
 
 # PyTorch's SDPA kernels, switched process-wide (see `set_attention_backend`).
 _SDPA_FLAGS = {
@@ -209,23 +212,33 @@ def tag_attention_must_save(graph: torch.fx.Graph) -> int:
     return marked
 
 
-def _graph_pass(run, uuid: str):
-    """An inductor custom graph pass that calls `run(graph)`; the uuid keys inductor's caches on it."""
-    from torch._inductor.custom_graph_pass import CustomGraphPass
+class _KeepAttentionPass(CustomGraphPass):
+    """Inductor joint-graph pass: `tag_attention_must_save`. Module-level (not a local class) so inductor's FX graph
+    cache can pickle it into its key: a local class made every compile miss the cache."""
 
-    class Pass(CustomGraphPass):
-        def __call__(self, graph: torch.fx.Graph) -> None:
-            run(graph)
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        tag_attention_must_save(graph)
 
-        def uuid(self) -> str:
-            return uuid
+    def uuid(self) -> str:
+        return "kontext_lora.keep_attention.v1"
 
-    return Pass()
+
+class _FuseLoraInputsPass(CustomGraphPass):
+    """Inductor pre-grad pass: `fuse_lora_inputs`, counting merged groups in dynamo's counters. Module-level for the
+    same reason as `_KeepAttentionPass`."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        from torch._dynamo.utils import counters
+
+        counters["inductor"]["kontext_lora_fused_lora_groups"] += fuse_lora_inputs(graph)
+
+    def uuid(self) -> str:
+        return "kontext_lora.fuse_lora_inputs.v1"
 
 
 def keep_attention_pass():
     """The inductor joint-graph pass that runs `tag_attention_must_save` before partitioning."""
-    return _graph_pass(tag_attention_must_save, "kontext_lora.keep_attention.v1")
+    return _KeepAttentionPass()
 
 
 LORA_FUSE_MAX_RANK = 128  # linears with more outputs than this are not LoRA down-projections: never concatenated
@@ -305,12 +318,7 @@ def fuse_lora_inputs_pass():
     """The inductor pre-grad pass that runs `fuse_lora_inputs` and counts the merged groups in dynamo's counters
     (`counters["inductor"]["kontext_lora_fused_lora_groups"]`: whether it applied, for bench_step.py). With a uuid,
     inductor's caches key on it; a cache hit reuses the merged code without running the pass (the count stays 0)."""
-    from torch._dynamo.utils import counters
-
-    def run(graph: torch.fx.Graph) -> None:
-        counters["inductor"]["kontext_lora_fused_lora_groups"] += fuse_lora_inputs(graph)
-
-    return _graph_pass(run, "kontext_lora.fuse_lora_inputs.v1")
+    return _FuseLoraInputsPass()
 
 
 def float8_base_layers(transformer: torch.nn.Module) -> int:
@@ -390,6 +398,23 @@ def apply_speed(
     return applied
 
 
+@contextmanager
+def validation_mode(release_compiled: bool = False) -> Iterator[None]:
+    """Run the compiled blocks eagerly inside the block (validation sampling and its held-out loss).
+
+    Why: sampling calls the blocks without gradients and at other shapes than training, so through the compiled
+    code each call recompiled (until dynamo's recompile limit) and, with speed.cuda_graphs, recorded CUDA graphs with
+    memory pools of their own on top of training's. `release_compiled` (the last validation: no step follows) first
+    drops the compiled code and its CUDA-graph pools, handing their memory to sampling.
+    """
+    if release_compiled:
+        torch._dynamo.reset()  # also frees inductor's cudagraph trees and their private memory pools
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    with torch.compiler.set_stance("force_eager"):
+        yield
+
+
 def _wants_compile(setting: str, device: torch.device) -> bool:
     return setting == "blocks" or (setting == "auto" and device.type == "cuda")
 
@@ -397,7 +422,15 @@ def _wants_compile(setting: str, device: torch.device) -> bool:
 def apply_memory_and_speed(transformer: torch.nn.Module, cfg: Config, device: torch.device) -> dict[str, object]:
     """`memory.base_quant` (quantize_base), then the `speed.*` options and `memory.block_swap` (apply_speed), in the
     order training needs: after inject_lora (PEFT must see the float weights), compile last. Returns apply_speed's
-    record. fit() and the benchmark scripts all set a model up through this one function."""
+    record. fit() and the benchmark scripts all set a model up through this one function.
+
+    A transformer that arrives on the CPU reaches the device block by block: the blocks memory.block_swap will swap
+    keep their frozen weights in CPU memory throughout, so the device never holds more than the resident model.
+    """
+    swap = cfg.memory.block_swap
+    host_blocks = frozenset(swapped_block_indices(swap, len(transformer_blocks(transformer)))) if swap else frozenset()
     if cfg.memory.base_quant != "none":
-        quantize_base(transformer, cfg.memory.base_quant, device)
-    return apply_speed(transformer, cfg.speed, cfg.train.gradient_checkpointing, device, cfg.memory.block_swap)
+        quantize_base(transformer, cfg.memory.base_quant, device, host_blocks)
+    else:
+        move_except_host_blocks(transformer, device, host_blocks)
+    return apply_speed(transformer, cfg.speed, cfg.train.gradient_checkpointing, device, swap)

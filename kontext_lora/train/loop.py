@@ -36,6 +36,7 @@ from kontext_lora.train.encode import (
     place_encoders,
     release_encoders,
 )
+from kontext_lora.train.job import JOB_NAME, JobLog, JobOutOfMemory, free_accelerator_memory
 from kontext_lora.train.objective import LatentBatch, flow_matching_loss, sample_sigmas
 from kontext_lora.train.optim import NonFiniteGuard, build_optimizer
 
@@ -131,21 +132,26 @@ def train(cfg: Config) -> Path:
 
     # Model: fill the disk cache with the encoders alone (memory.text_encoder places them), release them, and only
     # then load the transformer: T5 (9.5 GiB) and the transformer (22.4 GiB in bf16) are never on the device together.
-    pipe = load_encoders(cfg)
-    place_encoders(pipe, cfg.memory.text_encoder, accelerator.device)
-    encoded = cached_dataset(cfg, plan, pipe, accelerator, show_progress=main)
-    validator = None
-    if items is not None:  # encodes the validation prompts now; keeps the VAE for sampling
-        from kontext_lora.train.validation import Validator
+    job = JobLog(out_dir / JOB_NAME, accelerator.device, write=main)
+    with job.phase("cache"):
+        pipe = load_encoders(cfg)
+        place_encoders(pipe, cfg.memory.text_encoder, accelerator.device)
+        encoded = cached_dataset(cfg, plan, pipe, accelerator, show_progress=main)
+        validator = None
+        if items is not None:  # encodes the validation prompts now; keeps the VAE for sampling
+            from kontext_lora.train.validation import Validator
 
-        validator = Validator(cfg, pipe, items, accelerator)
-    release_encoders(pipe, keep_vae=validator is not None)
-    if validator is not None:
-        validator.vae.to(accelerator.device)
-    del pipe
-    # A quantized base is moved to the device layer by layer in fit() (quantize_base); a plain one goes there now.
-    transformer = load_transformer(cfg.model, None if cfg.memory.base_quant != "none" else accelerator.device)
-    return fit(cfg, transformer, encoded, accelerator, validator=validator)
+            validator = Validator(cfg, pipe, items, accelerator)
+        release_encoders(pipe, keep_vae=validator is not None)
+        if validator is not None:
+            validator.vae.to(accelerator.device)
+        del pipe
+    # A quantized or partly swapped base goes to the device layer by layer in fit() (apply_memory_and_speed); a plain
+    # one goes there now.
+    on_cpu = cfg.memory.base_quant != "none" or cfg.memory.block_swap > 0
+    with job.phase("load"):
+        transformer = load_transformer(cfg.model, None if on_cpu else accelerator.device)
+    return fit(cfg, transformer, encoded, accelerator, validator=validator, job=job)
 
 
 def micro_batch_seed(seed: int, global_index: int) -> int:
@@ -170,6 +176,7 @@ def fit(
     *,
     pipeline=None,
     validator=None,
+    job: JobLog | None = None,
 ) -> Path:
     """Inject the LoRA into `transformer` and train it on cached encodings; returns the final adapter's path.
 
@@ -182,10 +189,12 @@ def fit(
     # The adapter's initial weights depend on train.seed alone, not on how many random numbers loading and
     # caching drew before (which differs between a cold and a warm cache, and between processes).
     set_seed(cfg.train.seed)
-    inject_lora(transformer, cfg.lora)
-    if cfg.lora.init_from:
-        _init_from_file(transformer, cfg)
-    applied = apply_memory_and_speed(transformer, cfg, accelerator.device)
+    job = job or JobLog(out_dir / JOB_NAME, accelerator.device, write=accelerator.is_main_process)
+    with job.phase("setup"):
+        inject_lora(transformer, cfg.lora)
+        if cfg.lora.init_from:
+            _init_from_file(transformer, cfg)
+        applied = apply_memory_and_speed(transformer, cfg, accelerator.device)
     accelerator.print(f"[kontext-lora] fast path: {applied}, base_quant: {quantization_report(transformer)}")
     params = lora_parameters(transformer)
 
@@ -233,57 +242,93 @@ def fit(
     step = _start_or_resume(cfg, out_dir, state)
     progress = tqdm(total=cfg.train.steps, initial=step, desc="training", unit="step",
                     disable=not accelerator.is_main_process)  # fmt: skip
-    loss_sum, micro, tick = 0.0, 0, time.perf_counter()
+    loss_sum, micro, tick, first = 0.0, 0, time.perf_counter(), step
+    step_start = batches.consumed  # the data position a checkpoint written after an out-of-memory error records
     transformer.train()
-    while step < cfg.train.steps:
-        with accelerator.accumulate(transformer):
-            batch = next(batches)
-            noise_generator.manual_seed(micro_batch_seed(cfg.train.seed, batches.global_index))
-            loss = training_step(transformer, batch, cfg, noise_generator)
-            if guard.skip(loss, accelerator, step):
-                for param in params:  # drop this step's gradients (the wrapped optimizer zeroes only at sync)
-                    param.grad = None
-                if not guard.exhausted:
-                    continue
-                path = save(step, out_dir / f"step-{step:06d}")
-                raise TrainingError(
-                    f"loss is {loss.item()} at step {step + 1}, {guard.in_a_row} non-finite in a row (try a lower "
-                    f"train.lr or mixed_precision=no); the adapter of step {step} was saved to {path}"
-                )
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        loss_sum, micro = loss_sum + loss.detach().float().item(), micro + 1
-        if not accelerator.sync_gradients:
-            continue
-        step += 1
-        if ema is not None:
-            ema.update(step)
-        seconds = time.perf_counter() - tick
-        logs = {"loss": _mean_over_processes(accelerator, loss_sum / micro), "lr": scheduler.get_last_lr()[0],
-                "s_per_step": seconds}  # fmt: skip
-        loss_sum, micro = 0.0, 0
-        progress.update(1)
-        progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", s_step=f"{seconds:.2f}")
-        if step % cfg.logging.log_every == 0:
-            accelerator.log(logs, step=step)
-        if accelerator.is_main_process:
-            _append_metrics(out_dir, {"step": step, **logs, "peak_gib": _peak_gib(accelerator.device)})
-        if validator is not None and (step % cfg.validation.every == 0 or step == cfg.train.steps):
-            transformer.eval()
-            validator.run(step, accelerator.unwrap_model(transformer), save, ema)
-            transformer.train()
-        if cfg.output.save_every and step % cfg.output.save_every == 0 and step < cfg.train.steps:
-            state.save(step, out_dir, save, cfg.output.keep_last)
-        tick = time.perf_counter()  # s_per_step times the step itself: not the validation or the save after it
-    progress.close()
-    final = save(step, out_dir)
+    try:
+        while step < cfg.train.steps:
+            with job.phase("first_step" if step == first else "train"), accelerator.accumulate(transformer):
+                batch = next(batches)
+                noise_generator.manual_seed(micro_batch_seed(cfg.train.seed, batches.global_index))
+                loss = training_step(transformer, batch, cfg, noise_generator)
+                if guard.skip(loss, accelerator, step):
+                    for param in params:  # drop this step's gradients (the wrapped optimizer zeroes only at sync)
+                        param.grad = None
+                    if not guard.exhausted:
+                        continue
+                    path = save(step, out_dir / f"step-{step:06d}")
+                    raise TrainingError(
+                        f"loss is {loss.item()} at step {step + 1}, {guard.in_a_row} non-finite in a row (try a lower "
+                        f"train.lr or mixed_precision=no); the adapter of step {step} was saved to {path}"
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum, micro = loss_sum + loss.detach().float().item(), micro + 1
+            if not accelerator.sync_gradients:
+                continue
+            step, step_start = step + 1, batches.consumed
+            if ema is not None:
+                ema.update(step)
+            seconds = time.perf_counter() - tick
+            logs = {"loss": _mean_over_processes(accelerator, loss_sum / micro), "lr": scheduler.get_last_lr()[0],
+                    "s_per_step": seconds}  # fmt: skip
+            loss_sum, micro = 0.0, 0
+            progress.update(1)
+            progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", s_step=f"{seconds:.2f}")
+            if step % cfg.logging.log_every == 0:
+                accelerator.log(logs, step=step)
+            if accelerator.is_main_process:
+                _append_metrics(out_dir, {"step": step, **logs, "peak_gib": _peak_gib(accelerator.device)})
+            if validator is not None and step % cfg.validation.every == 0 and step < cfg.train.steps:
+                _validate(validator, transformer, step, save, ema, job, accelerator, final=False)
+            if cfg.output.save_every and step % cfg.output.save_every == 0 and step < cfg.train.steps:
+                with job.phase("save"):
+                    state.save(step, out_dir, save, cfg.output.keep_last)
+            tick = time.perf_counter()  # s_per_step times the step itself: not the validation or the save after it
+        progress.close()
+        with job.phase("save"):
+            final = save(step, out_dir)
+        if validator is not None and step > first:  # after the final adapter is written: nothing is lost to it
+            _validate(validator, transformer, step, save, ema, job, accelerator, final=True)
+    except JobOutOfMemory as exc:
+        loss = batch = None  # noqa: F841  (drop the failed step's graph before the checkpoint is written)
+        raise TrainingError(_save_after_oom(exc, state, step, step_start, out_dir, save, cfg)) from None
+    finally:
+        progress.close()  # before any error line, which would otherwise land inside the bar
+        job.flush()
     accelerator.end_training()
     accelerator.print(f"[kontext-lora] adapter written to {final}")
     return final
+
+
+def _validate(validator, transformer, step: int, save, ema, job: JobLog, accelerator: Accelerator, final: bool):
+    """Run validation in eval mode as its own job phase, on the eager model (`validation_mode`)."""
+    from kontext_lora.model.speed import validation_mode
+
+    transformer.eval()
+    with job.phase("validation"), validation_mode(release_compiled=final):
+        validator.run(step, accelerator.unwrap_model(transformer), save, ema)
+    transformer.train()
+
+
+def _save_after_oom(exc: JobOutOfMemory, state, step: int, step_start: int, out_dir: Path, save, cfg: Config) -> str:
+    """Write a resumable checkpoint of the last completed step after an out-of-memory error; returns the message."""
+    for group in state.optimizer.param_groups:  # the failed step's gradients are not part of any step
+        for param in group["params"]:
+            param.grad = None
+    free_accelerator_memory()
+    if step == 0:
+        return f"{exc}; nothing was trained yet"
+    state.batches.consumed = step_start  # the failed step's micro-batches are drawn again on resume
+    try:
+        path = state.save(step, out_dir, save, cfg.output.keep_last)
+    except torch.OutOfMemoryError:
+        return f"{exc}; the checkpoint of step {step} could not be written either"
+    return f"{exc}; step {step} was saved to {path} (train.resume=latest continues from it)"
 
 
 def _mean_over_processes(accelerator: Accelerator, value: float) -> float:

@@ -20,6 +20,7 @@ from kontext_lora.model.quant import (
     NF4_GRANULE,
     NF4_SCALER_BLOCK,
     QUANTIZED,
+    move_except_host_blocks,
     quantization_report,
     quantize_base,
     quantized_nbytes,
@@ -300,3 +301,20 @@ def test_fp8_matmuls_train_the_lora_through_compiled_blocks(one_thread) -> None:
     assert _relative_error(runs["compiled"][1], runs["eager"][1]) < 3e-2
     assert _relative_error(runs["eager"][0], runs["dequantize"][0]) < 2e-2
     assert _relative_error(runs["eager"][1], runs["dequantize"][1]) < 0.1
+
+
+def test_swapped_blocks_keep_their_quantized_weights_in_cpu_memory() -> None:
+    """move_except_host_blocks (quantize_base's last move, and the plain base's under block swap): every other tensor
+    reaches the device (meta here), the frozen fp8 weights of the blocks block swap keeps stay on the CPU, and the
+    LoRA of those blocks moves like the rest."""
+    transformer = _model(preset="all")
+    quantize_base(transformer, "fp8")
+    move_except_host_blocks(transformer, torch.device("meta"), frozenset({1, 3}))
+    blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+    for index, block in enumerate(blocks):
+        for name, param in block.named_parameters():
+            on_cpu = param.device.type == "cpu"
+            assert on_cpu == (index in (1, 3) and not param.requires_grad), (index, name, param.device)
+    for name, param in transformer.named_parameters():
+        if not name.startswith(("transformer_blocks", "single_transformer_blocks")):
+            assert param.device.type == "meta", name

@@ -247,3 +247,14 @@ def test_fuse_lora_inputs_runs_in_inductor_through_apply_speed() -> None:
     assert counters["inductor"]["kontext_lora_fused_lora_groups"] == 6
     assert abs(fused_loss - loss) / abs(loss) < 1e-2
     assert (fused_grads - grads).norm() / grads.norm() < 1e-2
+
+
+def test_graph_passes_pickle_so_inductor_caches_can_key_on_them() -> None:
+    """Inductor's FX graph cache pickles the custom passes it finds in its key; a pass that does not pickle (a local
+    class) bypassed the cache, so every run compiled from scratch. Each pass pickles and keeps its uuid."""
+    import pickle
+
+    from kontext_lora.model.speed import fuse_lora_inputs_pass, keep_attention_pass
+
+    for graph_pass in (keep_attention_pass(), fuse_lora_inputs_pass()):
+        assert pickle.loads(pickle.dumps(graph_pass)).uuid() == graph_pass.uuid()
