@@ -54,17 +54,17 @@ def test_weights_lora_and_optimizer_bytes_match_the_real_tiny_model(tiny_model_d
     assert pred.memory_gib["optimizer"] * GIB == states
 
 
-def test_more_swap_and_stronger_quantization_lower_the_peak(tiny_model_dir: Path) -> None:
+def test_more_swap_and_stronger_quantization_lower_the_step_peak(tiny_model_dir: Path) -> None:
     for cfg in (_tiny(tiny_model_dir), load_config(None, [*POINT_BASE, "data.resolution=1024"])):
         blocks = len(count_model(cfg).blocks)
-        peaks = [predict(cfg, knobs=Knobs(block_swap=n)).peak_gib for n in range(blocks + 1)]
+        peaks = [predict(cfg, knobs=Knobs(block_swap=n)).step_peak_gib for n in range(blocks + 1)]
         assert peaks[-1] < peaks[0]
         by_quant = [
             predict(cfg, knobs=Knobs(base_quant=q, gradient_checkpointing=True)) for q in ("none", "fp8", "nf4")
         ]
         weights = [p.memory_gib["weights"] for p in by_quant]
         assert weights[0] > weights[1] > weights[2]
-        assert by_quant[0].peak_gib > by_quant[1].peak_gib > by_quant[2].peak_gib
+        assert by_quant[0].step_peak_gib > by_quant[1].step_peak_gib > by_quant[2].step_peak_gib
     # FLUX.1 at 1024^2: each further swapped block lowers the peak (the first one only trades its activations for
     # the one block recomputed in backward)
     assert all(a > b for a, b in zip(peaks[1:], peaks[2:], strict=False)), peaks
@@ -105,7 +105,7 @@ def test_plan_command_prints_the_candidates_and_the_overrides(tmp_path: Path, ca
     config.write_text(yaml.safe_dump({"model": {"pretrained": str(tmp_path / "absent")}, "data": data}))
     assert main(["plan", "--config", str(config), "--vram", "24", "lora.rank=16"]) == 0
     out = capsys.readouterr().out
-    assert "| quant | swap | checkpointing | compile | peak GiB | s/step | fits |" in out
+    assert "| quant | swap | checkpointing | compile | peak GiB | phase | s/step | fits |" in out
     shown = out.count("| yes |") + out.count("| no |")
     assert out.count("| yes (chosen) |") == 1 and f"{60 - shown - 1} more candidates not shown" in out
     assert "chosen:" in out and "memory.base_quant=" in out and "memory.block_swap=" in out
@@ -120,11 +120,18 @@ def test_plan_command_prints_the_candidates_and_the_overrides(tmp_path: Path, ca
 def test_budget_applies_the_plan_and_the_run_records_it(tiny_model_dir: Path, tmp_path: Path, one_thread) -> None:
     from kontext_lora.train.loop import train
 
-    base = _tiny(tiny_model_dir, "speed.compile=none", f"output.dir={tmp_path / 'run'}")
+    # Square buckets: the worst case of the config is the data's bucket, so the test's plan is the one train() makes.
+    base = _tiny(tiny_model_dir, "speed.compile=none", "data.buckets=square", f"output.dir={tmp_path / 'run'}")
     # A budget the unconstrained fastest set misses by a byte: the plan must change the knobs to fit.
     fastest = min(candidates(base, 1e9), key=lambda p: p.s_per_step)
     budget = (fastest.peak_gib * GIB - 1) / GIB / 0.95
-    cfg = _tiny(tiny_model_dir, "speed.compile=none", f"output.dir={tmp_path / 'run'}", f"memory.budget_gib={budget}")
+    cfg = _tiny(
+        tiny_model_dir,
+        "speed.compile=none",
+        "data.buckets=square",
+        f"output.dir={tmp_path / 'run'}",
+        f"memory.budget_gib={budget}",
+    )
     planned, pred = plan(cfg, budget)
     assert pred.fits(budget) and Knobs.of(planned) != Knobs.of(cfg)
     train(cfg)
@@ -197,7 +204,7 @@ def test_fp8_matmuls_are_planned_where_measured_and_only_when_worth_their_roundi
     assert not stored.speed.fp8_base and not Knobs.of(stored).fp8_matmuls
 
     budgeted = load_config(None, [*POINT_BASE, "data.resolution=1024", "memory.budget_gib=48"])
-    monkeypatch.setattr("kontext_lora.planner.fp8_matmuls_available", lambda: True)
+    monkeypatch.setattr("kontext_lora.planner.choice.fp8_matmuls_available", lambda: True)
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert apply_budget(budgeted, log=lambda _: None).speed.fp8_base
     monkeypatch.setenv("WORLD_SIZE", "2")  # measured on one GPU only
@@ -212,7 +219,8 @@ def test_plan_command_offers_fp8_matmuls_when_asked(tmp_path: Path, capsys) -> N
     config.write_text(yaml.safe_dump({"model": {"pretrained": str(tmp_path / "absent")}, "data": data}))
     assert main(["plan", "--config", str(config), "--vram", "48", "--fp8-matmuls", "yes"]) == 0
     out = capsys.readouterr().out
-    assert "| fp8 + fp8 matmuls | 0 | off | auto (budget 0.6) | 43.2 |" in out
+    mm = predict(load_config(config), knobs=Knobs("fp8", 0, False, 1.0, "auto", 0.6, True))
+    assert f"| fp8 + fp8 matmuls | 0 | off | auto (budget 0.6) | {mm.peak_gib:.1f} | train |" in out
     assert "speed.fp8_base=true speed.cuda_graphs=true speed.keep_attention=true" in out
     assert main(["plan", "--config", str(config), "--vram", "48", "--fp8-matmuls", "no"]) == 0
     assert "fp8 matmuls" not in capsys.readouterr().out
