@@ -126,10 +126,11 @@ def tier_rows(tier: dict, calib: dict) -> list[tuple[str, dict, float, float]]:
     return [(name, terms[name][1], total - sum(terms[name][0].values()), total) for name, total in measured.items()]
 
 
-def fit_job(tiers: list[dict], calib: dict, ridge: float = 1e-3, rounds: int = 3) -> dict:
+def fit_job(tiers: list[dict], calib: dict, ridge: float = 1e-5, rounds: int = 3) -> dict:
     """Refit the `job` constants to the tiers' phase peaks (relative least squares, ridge towards the current
-    constants). A phase whose peak is the larger of two sub-steps takes the features of the larger one at the
-    current constants, so the fit is repeated `rounds` times."""
+    constants: weak, since a few tiers determine each constant, yet a constant no tier informs stays). A phase whose
+    peak is the larger of two sub-steps takes the features of the larger one at the current constants, so the fit
+    is repeated `rounds` times."""
     calib = copy.deepcopy(calib)
     constants = calib["job"]["constants"]
     scales = {k: v["scale"] for k, v in calib["job"]["scales"].items()}
