@@ -225,10 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     new_tiers = tiers_from_bench(args.fit)
     keys = {(t.get("tier"), t["source"]) for t in new_tiers}
     tiers = [t for t in tiers if (t.get("tier"), t["source"]) not in keys] + new_tiers
-    calib = fit_job(tiers, fit(points, calib))
+    step_points = [p for p in new if "overrides" in p]
+    calib = fit_job(tiers, fit(points, calib) if step_points else calib)  # the step's: only with new step points
     calib["points"], calib["tiers"] = points, tiers
     print(f"\nrefitted on {len(points)} points and {len(tiers)} tiers:")
-    print_accuracy(points, calib)
+    if step_points:
+        print_accuracy(points, calib)
     if tiers:
         print_tier_accuracy(tiers, calib)
     print(json.dumps({s: calib[s]["constants"] for s in ("memory", "time", "job")}, indent=1))
