@@ -103,16 +103,40 @@ def _plan(args: argparse.Namespace) -> int:
     from kontext_lora.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    from kontext_lora.planner import PLAN_HEADROOM, candidates, choose, fp8_matmuls_available, plan_table
+    from kontext_lora.planner import (
+        PLAN_HEADROOM,
+        candidates,
+        choose,
+        fp8_matmuls_available,
+        kept_keys,
+        phase_summary,
+        plan_table,
+        resolve_budget,
+    )
 
+    if args.vram is not None:
+        budget, source = args.vram, "--vram"
+    else:
+        resolved = resolve_budget(cfg)
+        if resolved is None:
+            raise ConfigError(
+                f"config key `memory.budget_gib`: {cfg.memory.budget_gib} gives no budget here (auto needs a CUDA "
+                "device); pass --vram GIB"
+            )
+        budget, source = resolved
     fp8_matmuls = args.fp8_matmuls == "yes" or (args.fp8_matmuls == "auto" and fp8_matmuls_available())
-    preds = candidates(cfg, args.vram, fp8_matmuls=fp8_matmuls)
-    shape = f"{cfg.data.resolution}^2, batch {cfg.train.batch_size}, rank {cfg.lora.rank}, {cfg.optim.optimizer}"
-    print(f"memory plan for {args.vram:g} GiB (a candidate fits under {1 - PLAN_HEADROOM:.0%} of it), {shape}:")
-    chosen = choose(preds, args.vram)
-    print(plan_table(preds, args.vram, limit=args.show, chosen=chosen))
-    print(f"\nchosen: {chosen.knobs.label()}: predicted {chosen.peak_gib:.1f} GiB, {chosen.s_per_step:.2f} s/step")
-    print("  " + ", ".join(f"{k} {v:.2f}" for k, v in chosen.memory_gib.items()) + " (GiB)")
+    preds = candidates(cfg, budget, fp8_matmuls=fp8_matmuls)
+    shape = f"{cfg.data.buckets} buckets at {cfg.data.resolution}, batch {cfg.train.batch_size}, rank {cfg.lora.rank}"
+    print(f"memory plan for {budget:.1f} GiB ({source}; a candidate fits under {1 - PLAN_HEADROOM:.0%} of it), "
+          f"{shape}, {cfg.optim.optimizer}:")  # fmt: skip
+    kept = kept_keys(cfg)
+    if kept:
+        print(f"kept as set: {kept}")
+    chosen = choose(preds, budget, kept=kept)
+    print(plan_table(preds, budget, limit=args.show, chosen=chosen))
+    print(f"\nchosen: {chosen.knobs.label()}: peak {chosen.peak_gib:.1f} GiB in {chosen.binding}, "
+          f"{chosen.s_per_step:.2f} s/step; per phase (GiB):")  # fmt: skip
+    print(phase_summary(chosen))
     print("overrides:\n  " + " ".join(chosen.knobs.overrides()))
     return 0
 
@@ -187,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="predict peak memory and s/step; pick the fastest knobs that fit a budget")
     p.add_argument("--config", required=True, help="YAML config file")
-    p.add_argument("--vram", type=float, required=True, help="accelerator memory budget in GiB")
+    p.add_argument("--vram", type=float, help="memory budget in GiB (default: the config's memory.budget_gib)")
     p.add_argument("--show", type=int, default=20, help="candidates shown, fastest first")
     p.add_argument(
         "--fp8-matmuls",

@@ -361,10 +361,12 @@ class MemoryConfig:
         "only while it encodes).",
         ("device", "cpu_offload"),
     )
-    budget_gib: float = opt(
-        0.0,
-        "Accelerator memory budget (GiB); > 0: training applies the planner's cheapest knob set that fits "
-        "(`kontext-lora plan`), 0 = use the keys as given.",
+    budget_gib: str = opt(
+        "auto",
+        "Accelerator memory budget of the whole job (caching, training, validation): auto (the CUDA device's free "
+        "memory at start; no plan without CUDA), a number of GiB, or 0 (use the keys as given). Training then sets "
+        "the planner keys left at their defaults to the fastest plan that fits (`kontext-lora plan`); keys set to "
+        "other values are kept.",
     )
 
 
@@ -498,9 +500,9 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(f"config key `speed.{key}`: must be in [0, 1], got {getattr(cfg.speed, key)}")
     if cfg.memory.base_quant == "nf4" and importlib.util.find_spec("torchao") is None:
         raise ConfigError("config key `memory.base_quant`: nf4 needs torchao (pip install 'kontext-lora[memory]')")
-    if cfg.memory.block_swap < 0 or cfg.memory.budget_gib < 0:
-        key = "memory.block_swap" if cfg.memory.block_swap < 0 else "memory.budget_gib"
-        raise ConfigError(f"config key `{key}`: must be >= 0, got {getattr(cfg.memory, key.split('.')[1])}")
+    if cfg.memory.block_swap < 0:
+        raise ConfigError(f"config key `memory.block_swap`: must be >= 0, got {cfg.memory.block_swap}")
+    _check_budget(cfg.memory.budget_gib)
     if cfg.speed.cuda_graphs and (cfg.speed.compile == "none" or cfg.train.gradient_accumulation != 1):
         raise ConfigError(
             "config key `speed.cuda_graphs`: needs speed.compile=blocks or auto and train.gradient_accumulation=1 "
@@ -523,6 +525,15 @@ def _check_values(cfg: Config) -> None:
             f"{'DoRA' if cfg.lora.use_dora else cfg.lora.adapter_type} (they read the base weight itself)"
         )
     _check_training_features(cfg)
+
+
+def _check_budget(value: str) -> None:
+    try:
+        valid = value.strip() == "auto" or float(value) >= 0
+    except ValueError:
+        valid = False
+    if not valid:
+        raise ConfigError(f"config key `memory.budget_gib`: auto, 0 or a number of GiB, got {value!r}")
 
 
 def _check_training_features(cfg: Config) -> None:

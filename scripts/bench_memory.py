@@ -269,14 +269,14 @@ def main() -> None:
         command = [sys.executable, __file__, "--child", name, "--overrides", json.dumps(overrides), "--budget",
                    str(budget), "--steps", str(steps), "--warmup", str(args.warmup)]  # fmt: skip
         command += ["--tiny"] if args.tiny else []
-        print(f"== {name}: {' '.join(overrides)}; predicted {pred.peak_gib:.2f} GiB, {pred.s_per_step:.3f} s/step",
+        print(f"== {name}: {' '.join(overrides)}; predicted {pred.step_peak_gib:.2f} GiB, {pred.s_per_step:.3f} s/step",
               flush=True)  # fmt: skip
         started = time.perf_counter()
         row, output = run_for_result(command, args.timeout, env)
         if row is None:
             row = {"status": "timeout" if "TIMEOUT" in output else "crash", "error": last_lines(output)[-300:]}
         row.update(name=name, res=spec["res"], budget_gib=budget, overrides=overrides, steps=steps, tiny=args.tiny,
-                   predicted_peak_gib=pred.peak_gib, predicted_s_per_step=pred.s_per_step,
+                   predicted_peak_gib=pred.step_peak_gib, predicted_s_per_step=pred.s_per_step,
                    predicted_memory_gib=pred.memory_gib, wall_s=time.perf_counter() - started)  # fmt: skip
         print("\n".join(output.splitlines()[-3:]) if row["status"] == "ok" else output[-2000:], flush=True)
         rows.append(row)

@@ -140,7 +140,7 @@ VARIANTS: dict[str, list[str]] = {
         for name, extra in [
             ("nockpt", []),
             ("keepattn45", KEEP_ATTENTION_45),
-            # the planner's other fp8-matmul candidates (kontext_lora/planner.py: FP8_MATMUL_BUDGETS)
+            # the planner's other fp8-matmul candidates (kontext_lora/planner/choice.py: FP8_MATMUL_BUDGETS)
             ("keepattn50", keep_attention(0.5)),
             ("keepattn60", keep_attention(0.6)),
             ("keepattn45-fastacc", [*KEEP_ATTENTION_45, FAST_ACCUM]),

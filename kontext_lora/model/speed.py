@@ -93,11 +93,15 @@ def transformer_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
     return list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
 
 
-def checkpointed_blocks(transformer: torch.nn.Module, fraction: float) -> list[int]:
-    """Indices of the blocks to recompute in backward: `fraction` of them, spread evenly over the depth."""
-    count = len(transformer_blocks(transformer))
+def spread_indices(count: int, fraction: float) -> list[int]:
+    """`fraction` of `count` indices (rounded up), spread evenly from index 0."""
     chosen = min(count, math.ceil(fraction * count - 1e-9))
     return sorted({int(i * count / chosen) for i in range(chosen)}) if chosen else []
+
+
+def checkpointed_blocks(transformer: torch.nn.Module, fraction: float) -> list[int]:
+    """Indices of the blocks to recompute in backward: `fraction` of them, spread evenly over the depth."""
+    return spread_indices(len(transformer_blocks(transformer)), fraction)
 
 
 def enable_checkpointing(transformer: torch.nn.Module, fraction: float = 1.0) -> list[int]:

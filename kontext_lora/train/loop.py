@@ -100,7 +100,6 @@ class _Batches:
 
 def train(cfg: Config) -> Path:
     """Run a whole training job from the config; returns the path of the final adapter."""
-    cfg = apply_budget(cfg)  # memory.budget_gib > 0: the planner's knobs, recorded in the run's config.yaml
     accelerator = _accelerator(cfg)
     set_seed(cfg.train.seed)
 
@@ -123,6 +122,8 @@ def train(cfg: Config) -> Path:
         raise DataError("no usable triples: every triple was skipped (see the preflight warnings above)")
     accelerator.print(f"[kontext-lora] {len(plan)} triples from {len(cfg.data.datasets)} dataset(s)")
     accelerator.print(bucket_table([sample.bucket_key for sample in plan]))
+    # memory.budget_gib: the planner's knobs for the buckets in use, recorded in the run's config.yaml below.
+    cfg = apply_budget(cfg, accelerator.print, bucket_keys=[sample.bucket_key for sample in plan])
     out_dir = Path(cfg.output.dir)
     _resume_folder(cfg, out_dir)  # a bad train.resume fails now, not after the model has loaded
     if main:
@@ -183,7 +184,6 @@ def fit(
     Validation (validation.every) needs a `validator` (see train()) or the FluxKontextPipeline whose transformer
     this is (`pipeline`: its VAE, scheduler and text encoders build one on validation.examples / heldout_path).
     """
-    cfg = apply_budget(cfg, print if accelerator is None or accelerator.is_main_process else lambda _: None)
     accelerator = accelerator or _accelerator(cfg)
     out_dir = Path(cfg.output.dir)
     # The adapter's initial weights depend on train.seed alone, not on how many random numbers loading and

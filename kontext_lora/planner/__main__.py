@@ -1,0 +1,3 @@
+from kontext_lora.planner.calibrate import main
+
+raise SystemExit(main())
