@@ -32,6 +32,8 @@ import threading
 import time
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "examples" / "kontext_dev.yaml"
 DATA = REPO / "data_examples" / "bw"
@@ -163,7 +165,7 @@ def run_tier(name: str, args: argparse.Namespace, work: Path) -> dict:
         if "train" in record["phases"]:
             record["phases"]["train"]["s_per_step"] = record["metrics"].get("s_per_step")
         config_path = run_dir / "run" / "config.yaml"
-        record["config_yaml"] = config_path.read_text() if config_path.is_file() else None
+        record["config"] = yaml.safe_load(config_path.read_text()) if config_path.is_file() else None
         record["plan"] = _plan_line(log)
         adapter = run_dir / "run" / "pytorch_lora_weights.safetensors"
         if code == 0 and adapter.is_file():
@@ -261,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: records[-1][k] for k in ("tier", "status", "device_peak_gib")}), flush=True)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"tiers": records}, indent=1))
+            card = next((rec["device"] for rec in records if rec.get("device")), None)
+            args.out.write_text(json.dumps({"card": card, "tiers": records}, indent=1))
     print(table(records))
     return 0 if all(rec["status"] == "passed" for rec in records) else 1
 

@@ -13,29 +13,7 @@ from pathlib import Path
 
 import torch
 
-# FLUX.1-Kontext-dev's transformer/config.json (guidance_embeds is True for the guidance-distilled dev model).
-FLUX_TRANSFORMER = dict(
-    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
-    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
-)  # fmt: skip
-# google/t5-v1_1-xxl, the encoder half (text_encoder_2/config.json of FLUX.1).
-T5_XXL = dict(
-    vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, relative_attention_num_buckets=32,
-    relative_attention_max_distance=128, feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6,
-    tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-)  # fmt: skip
-# openai/clip-vit-large-patch14's text model (text_encoder/config.json of FLUX.1).
-CLIP_L = dict(
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
-)  # fmt: skip
-# vae/config.json of FLUX.1 (16 latent channels, 8x compression, its shift and scaling factors).
-FLUX_VAE = dict(
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-    latent_channels=16, norm_num_groups=32, sample_size=1024, act_fn="silu", scaling_factor=0.3611,
-    shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True,
-)  # fmt: skip
+from kontext_lora.model.shapes import CLIP_L_TEXT, FLUX_TRANSFORMER, FLUX_VAE, T5_XXL_ENCODER
 
 
 def build_full_pipeline(device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16):
@@ -53,10 +31,11 @@ def build_full_pipeline(device: str | torch.device = "cuda", dtype: torch.dtype 
         with torch.device(device):
             transformer = FluxTransformer2DModel(**FLUX_TRANSFORMER)
             vae = AutoencoderKL(**FLUX_VAE)
-            clip = CLIPTextConfig(**CLIP_L, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                  pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+            ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+            clip = CLIPTextConfig(**CLIP_L_TEXT, **ids)
             text_encoder = CLIPTextModel(clip)
-            text_encoder_2 = T5EncoderModel(T5Config(**T5_XXL))
+            text_encoder_2 = T5EncoderModel(T5Config(**T5_XXL_ENCODER))
     finally:
         torch.set_default_dtype(previous)
     scheduler = FlowMatchEulerDiscreteScheduler(

@@ -169,11 +169,12 @@ def auto_budget() -> tuple[float, str] | None:
     without CUDA."""
     import torch
 
+    from kontext_lora.model.device import device_limit_bytes
+
     if not torch.cuda.is_available():
         return None
     device = torch.cuda.current_device()
-    free, total = torch.cuda.mem_get_info(device)
-    free = min(free, torch.cuda.get_per_process_memory_fraction(device) * total)
+    free = device_limit_bytes(torch.device("cuda", device))
     if torch.distributed.is_available() and torch.distributed.is_initialized():  # one plan for every process
         value = torch.tensor([float(free)], device=f"cuda:{device}")
         torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
