@@ -108,7 +108,7 @@ def _plan(args: argparse.Namespace) -> int:
     preds = candidates(cfg, args.vram, fp8_matmuls=fp8_matmuls)
     shape = f"{cfg.data.resolution}^2, batch {cfg.train.batch_size}, rank {cfg.lora.rank}, {cfg.optim.optimizer}"
     print(f"memory plan for {args.vram:g} GiB (a candidate fits under {1 - PLAN_HEADROOM:.0%} of it), {shape}:")
-    chosen = choose(preds, args.vram)
+    chosen = choose(preds, args.vram, budget_name="--vram")
     print(plan_table(preds, args.vram, limit=args.show, chosen=chosen))
     print(f"\nchosen: {chosen.knobs.label()}: predicted {chosen.peak_gib:.1f} GiB, {chosen.s_per_step:.2f} s/step")
     print("  " + ", ".join(f"{k} {v:.2f}" for k, v in chosen.memory_gib.items()) + " (GiB)")

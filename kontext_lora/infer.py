@@ -9,7 +9,9 @@ from PIL import Image
 
 from kontext_lora.config import ModelConfig
 from kontext_lora.data.triples import load_image
-from kontext_lora.model.load import load_pipeline
+from kontext_lora.model.load import ModelError, load_pipeline
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # what load_lora_weights looks for in a folder
 
 
 def run_inference(
@@ -31,6 +33,7 @@ def run_inference(
     Without `size` the pipeline picks Kontext's preferred ~1 MP resolution for the image's aspect ratio;
     with `size` the output is size x size (useful for the tiny model).
     """
+    _check_inputs(Path(model), None if lora is None else Path(lora))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(ModelConfig(pretrained=str(model), dtype=dtype)).to(device)
     pipe.set_progress_bar_config(disable=False)
@@ -53,3 +56,14 @@ def run_inference(
     out.parent.mkdir(parents=True, exist_ok=True)
     result.save(out)
     return out
+
+
+def _check_inputs(model: Path, lora: Path | None) -> None:
+    """Fail before the slow load, naming the argument: diffusers reads a missing LoRA path as a Hub repo id."""
+    if not (model / "model_index.json").is_file():
+        raise ModelError(
+            f"--model {model}: not a diffusers pipeline folder (no model_index.json); give a local FLUX.1-Kontext-dev "
+            f"folder, or build the tiny test model there with `kontext-lora make-tiny-model {model}`"
+        )
+    if lora is not None and not (lora.is_file() or (lora / LORA_WEIGHTS_NAME).is_file()):
+        raise ModelError(f"--lora {lora}: no such file; give a LoRA .safetensors file (or a folder with one)")

@@ -475,14 +475,20 @@ def candidates(
     return sorted(out, key=lambda p: (not p.fits(budget_gib), p.s_per_step))
 
 
-def choose(preds: list[Prediction], budget_gib: float, exact_within: float = 1.25) -> Prediction:
+def choose(
+    preds: list[Prediction],
+    budget_gib: float,
+    exact_within: float = 1.25,
+    budget_name: str = "config key `memory.budget_gib`",
+) -> Prediction:
     """The fastest fitting candidate, unless a less-quantized one fits within `exact_within` x its s/step (a
-    quantized base changes the loss, so its speed must be worth it)."""
+    quantized base changes the loss, so its speed must be worth it). `budget_name` is what an error calls the budget
+    (`kontext-lora plan` takes it as --vram)."""
     fitting = [p for p in preds if p.fits(budget_gib)]
     if not fitting:
         least = min(preds, key=lambda p: p.peak_gib)
         raise ConfigError(
-            f"config key `memory.budget_gib`: nothing fits {budget_gib:g} GiB; the smallest candidate "
+            f"{budget_name}: nothing fits {budget_gib:g} GiB; the smallest candidate "
             f"({least.knobs.label()}) needs {least.peak_gib:.3g} GiB; lower data.resolution / train.batch_size / "
             "lora.rank or raise the budget"
         )

@@ -231,3 +231,79 @@ def test_optional_dependency_import_noise_is_silenced() -> None:
     assert "register_constant" in noisy.stderr  # without the call the messages appear: the check below can fail
     for message in ("Failed to load", "register_constant", "Unable to import `torchao`"):
         assert message not in silenced.stderr, silenced.stderr
+
+
+# ------------------------------------------------------------------------- in-process: messages of the other commands
+
+
+def _one_line_error(capsys: pytest.CaptureFixture, argv: list[str], prefix: str = "kontext-lora: error: ") -> str:
+    """Run `kontext-lora argv` in this process; assert exit code 2 and one stderr line, and return its message."""
+    from kontext_lora.cli import main
+
+    assert main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(prefix), lines
+    return lines[0].removeprefix(prefix)
+
+
+def _infer_argv(model: Path, tmp_path: Path, *extra: str) -> list[str]:
+    image = str(REPO / "data_examples" / "bw" / "control" / "coffee.jpg")
+    return ["infer", "--model", str(model), "--image", image, "--prompt", "x", "--out", str(tmp_path / "o.png"), *extra]
+
+
+def test_infer_lora_typo_names_the_missing_file(tiny_model_dir: Path, tmp_path: Path, capsys):
+    typo = tmp_path / "pytorch_lora_weigths.safetensors"
+    message = _one_line_error(capsys, _infer_argv(tiny_model_dir, tmp_path, "--lora", str(typo)))
+    assert message == f"--lora {typo}: no such file; give a LoRA .safetensors file (or a folder with one)"
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_infer_missing_model_speaks_of_its_own_arguments(tmp_path: Path, capsys):
+    missing = tmp_path / "tiny-kontext"
+    message = _one_line_error(capsys, _infer_argv(missing, tmp_path))
+    assert message.startswith(f"--model {missing}: not a diffusers pipeline folder (no model_index.json)")
+    assert f"kontext-lora make-tiny-model {missing}" in message
+    assert "model.pretrained" not in message and "build_tiny_if_missing" not in message
+
+
+def test_plan_names_vram_when_nothing_fits(capsys):
+    config = str(REPO / "configs" / "examples" / "kontext_dev.yaml")
+    message = _one_line_error(capsys, ["plan", "--config", config, "--vram", "4"])
+    assert message.startswith("--vram: nothing fits 4 GiB; the smallest candidate")
+    assert "budget_gib" not in message
+
+
+def test_merge_bad_scale_blames_the_scale(tmp_path: Path, capsys):
+    lora = tmp_path / "edit.safetensors"
+    lora.write_bytes(b"")  # never read: the argument is refused while parsing
+    argv = ["merge", "--base", str(tmp_path), "--lora", f"{lora}:abc", "--out", str(tmp_path / "merged")]
+    message = _one_line_error(capsys, argv, prefix="kontext-lora merge: error: ")
+    assert message == (
+        f"argument --lora: {lora}:abc: the strength after ':' must be a number, not 'abc' (FILE[:SCALE], e.g. "
+        f"{lora}:0.8) (see --help)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("data.datasets.5.path=x", "override 'data.datasets.5.path=x': `data.datasets` has 1 item(s), so [5] is past"),
+        ("data.datasets[0].pth=x", "unknown config key `data.datasets[0].pth`; did you mean `data.datasets[0].path`?"),
+    ],
+)
+def test_list_item_override_errors_through_the_cli(override: str, expected: str, capsys):
+    config = str(REPO / "configs" / "examples" / "tiny_bw.yaml")
+    assert _one_line_error(capsys, ["train", "--config", config, override]).startswith(expected)
+
+
+def test_config_folder_and_yaml_errors_through_the_cli(tmp_path: Path, capsys):
+    folder = REPO / "configs" / "examples"
+    message = _one_line_error(capsys, ["train", "--config", str(folder)])
+    assert (
+        message
+        == f"config file {folder} is a folder; give a YAML file (it holds base.yaml, kontext_dev.yaml, tiny_bw.yaml)"
+    )
+    twice = tmp_path / "job.yaml"
+    twice.write_text("extends: base.yaml\ntrain:\n  steps: 4\nvalidation:\n  every: 0\ntrain:\n  lr: 1\n")
+    message = _one_line_error(capsys, ["train", "--config", str(twice)])
+    assert message == f"{twice}, line 6: duplicate key `train` (a key may appear once per section; remove one)"

@@ -73,13 +73,16 @@ def export_main(argv: list[str]) -> int:
 
 
 def _lora_and_scale(text: str) -> tuple[str, float]:
-    """`FILE` or `FILE:SCALE` (a path with a colon and no trailing number stays whole)."""
+    """`FILE` or `FILE:SCALE` (an existing file whose name has a colon stays whole)."""
     path, _, scale = text.rpartition(":")
-    if path:
+    if path and not Path(text).is_file():
         try:
             return path, float(scale)
         except ValueError:
-            pass
+            if "/" not in scale and "\\" not in scale:  # `f:abc` is a bad strength; `C:\\x` a Windows path
+                raise argparse.ArgumentTypeError(
+                    f"{text}: the strength after ':' must be a number, not {scale!r} (FILE[:SCALE], e.g. {path}:0.8)"
+                ) from None
     return text, 1.0
 
 

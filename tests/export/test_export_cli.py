@@ -128,3 +128,11 @@ def test_resize_main_prints_energy(adapter_case: AdapterCase, tmp_path, capsys) 
     assert {lora.rank for lora in read_adapter(out).modules.values()} == {2}
     assert resize_main(["--lora", str(adapter_case.path), "--rank", "2", "--energy", "0.9", "--out", str(out)]) == 2
     assert "not allowed with" in _one_error_line(capsys)
+
+
+def test_resize_refuses_a_rank_above_the_loras(adapter_case: AdapterCase, tmp_path, capsys) -> None:
+    out = tmp_path / "big.safetensors"
+    assert resize_main(["--lora", str(adapter_case.path), "--rank", "64", "--out", str(out)]) == 2
+    message = _one_error_line(capsys)
+    assert message.endswith("rank 64 is above this LoRA's rank 4: resizing can only lower a rank; give one below 4")
+    assert not out.exists()
