@@ -39,7 +39,7 @@ def prepare_pending(sweep: Sweep, base_config: str | Path | None, overrides: lis
 
 
 def commands(pending: list[PreparedRun]) -> list[str]:
-    """One shell line per run: `accelerate launch train.py --config <sweep dir>/<run>/config.yaml`."""
+    """One shell line per run: `accelerate launch -q train.py --config <sweep dir>/<run>/config.yaml`."""
     return [shlex.join(train_command(item.dir / CONFIG_NAME)) for item in pending]
 
 

@@ -39,7 +39,7 @@ def test_slurm_task_and_accelerate_launcher_train_the_runs_the_printed_commands_
         str(out),
     ]
     train_py = os.path.relpath(REPO / "train.py")
-    expected = [f"accelerate launch {train_py} --config {out / name / 'config.yaml'}" for name in ("ok", "no_data")]
+    expected = [f"accelerate launch -q {train_py} --config {out / name / 'config.yaml'}" for name in ("ok", "no_data")]
 
     assert main([*argv, "--print"]) == 0
     assert capsys.readouterr().out.splitlines() == expected
@@ -48,7 +48,7 @@ def test_slurm_task_and_accelerate_launcher_train_the_runs_the_printed_commands_
     script = (out / "sweep.slurm").read_text()
     assert "#SBATCH --array=0-1\n" in script and "#SBATCH --job-name=two\n" in script
     assert f"CONFIGS=(\n  {out / 'ok' / 'config.yaml'}\n  {out / 'no_data' / 'config.yaml'}\n)\n" in script
-    assert f'exec accelerate launch {train_py} --config "${{CONFIGS[$SLURM_ARRAY_TASK_ID]}}"\n' in script
+    assert f'exec accelerate launch -q {train_py} --config "${{CONFIGS[$SLURM_ARRAY_TASK_ID]}}"\n' in script
 
     # Slurm task 0, run by bash as slurm would: a real `accelerate launch train.py` of the first run.
     env = {**os.environ, "SLURM_ARRAY_TASK_ID": "0", "PYTHONPATH": str(REPO),
