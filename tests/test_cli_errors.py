@@ -7,7 +7,9 @@ and each test waits for its own.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -111,6 +113,14 @@ def _missing_model(root: Path) -> list[str]:
     return _module_cli(_config(root / "job.yaml", _valid_data(root / "data"), root / NO_MODEL))
 
 
+def _readme_accelerate_launch(root: Path) -> list[str]:
+    """The README's own `accelerate launch` flags (the accelerate of this interpreter), on a config with a typo."""
+    readme = (REPO / "README.md").read_text()
+    flags = re.search(r"accelerate launch (.*?)train\.py --config", readme).group(1).split()  # type: ignore[union-attr]
+    config = _config(root / "job.yaml", _valid_data(root / "data"), root / NO_MODEL, "train:\n  steps: abc\n")
+    return [sys.executable, "-m", "accelerate.commands.launch", *flags, "train.py", "--config", str(config)]
+
+
 CASES = {
     "unknown_key": _unknown_key,
     "unknown_key_via_train_py": _unknown_key_via_train_py,
@@ -120,6 +130,7 @@ CASES = {
     "corrupt_image": _corrupt_image,
     "empty_data": _empty_data,
     "missing_model": _missing_model,
+    "readme_accelerate_launch": _readme_accelerate_launch,
 }
 
 
@@ -202,6 +213,18 @@ def test_missing_model_folder(runs):
     assert message.startswith(f"config key `model.pretrained`: {root / NO_MODEL} is not a diffusers")
     assert "model.build_tiny_if_missing=true" in message
     assert not (root / NO_MODEL).exists()
+
+
+def test_accelerate_launch_as_the_readme_writes_it_ends_in_the_one_line_error(runs):
+    """No launcher traceback after the error (accelerate's -q) and no warning about guessed --num_processes etc.
+    (a config file that states them)."""
+    case = runs["readme_accelerate_launch"][0].result()
+    assert case.returncode != 0
+    assert "Traceback" not in case.stderr and "CalledProcessError" not in case.stderr, case.stderr
+    assert "were not passed to `accelerate launch`" not in case.stderr, case.stderr
+    lines = [line for line in case.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("kontext-lora: error: config key `train.steps`: value 'abc'"), case.stderr
+    assert sum(line.startswith("kontext-lora: error:") for line in lines) == 1, case.stderr
 
 
 def test_config_error_fails_before_the_heavy_imports(tmp_path: Path):
@@ -307,3 +330,57 @@ def test_config_folder_and_yaml_errors_through_the_cli(tmp_path: Path, capsys):
     twice.write_text("extends: base.yaml\ntrain:\n  steps: 4\nvalidation:\n  every: 0\ntrain:\n  lr: 1\n")
     message = _one_line_error(capsys, ["train", "--config", str(twice)])
     assert message == f"{twice}, line 6: duplicate key `train` (a key may appear once per section; remove one)"
+
+
+INFER_SCRIPT = """
+import sys
+from kontext_lora.cli import main, quiet_dependency_noise
+from kontext_lora.infer import run_inference
+model, lora, image, out, quiet = sys.argv[1:]
+if quiet == "cli":  # the command as users run it (cli.main quiets first)
+    sys.exit(main(["infer", "--model", model, "--lora", lora, "--image", image, "--prompt", "x", "--out", out,
+                   "--size", "32", "--steps", "1", "--dtype", "float32"]))
+run_inference(model, image, "x", out, lora=lora, steps=1, dtype="float32", size=32)
+"""
+
+
+def test_infer_prints_no_dependency_noise(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """transformers' torchvision fallback note, its per-model "Loading weights" bars inside diffusers' bar, and
+    diffusers' "No LoRA keys associated to CLIPTextModel" (a Kontext LoRA never has any) do not reach the user."""
+    from tests.export.conftest import save_adapter_case
+
+    lora = save_adapter_case(tmp_path / "lora").path
+    image = str(REPO / "data_examples" / "bw" / "control" / "coffee.jpg")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    processes = {
+        mode: subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                INFER_SCRIPT,
+                str(tiny_model_dir),
+                str(lora),
+                image,
+                str(tmp_path / f"{mode}.png"),
+                mode,
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for mode in ("cli", "library")
+    }
+    stderr = {}
+    for mode, process in processes.items():
+        _, stderr[mode] = process.communicate(timeout=TIMEOUT_S)
+        assert process.returncode == 0, stderr[mode]
+        assert (tmp_path / f"{mode}.png").is_file()
+        assert "Loading weights" not in stderr[mode], stderr[mode]
+    # Without cli.main's quieting the two messages do appear: the checks below can fail.
+    assert "No LoRA keys associated" in stderr["library"]
+    if importlib.util.find_spec("torchvision") is None:  # the fallback note exists only without torchvision
+        assert "requires torchvision" in stderr["library"]
+    assert "requires torchvision" not in stderr["cli"] and "No LoRA keys associated" not in stderr["cli"], stderr["cli"]
+    assert "Loading pipeline components" in stderr["cli"]  # diffusers' one bar over the components stays

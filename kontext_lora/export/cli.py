@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from kontext_lora.export.formats import EXPORT_FORMATS, FormatError
+from kontext_lora.export.formats import EXPORT_FORMATS, FormatError, comfyui_log_line
 
 
 class _UsageError(Exception):
@@ -64,6 +64,8 @@ def export_main(argv: list[str]) -> int:
         written = write_exports(args.lora, args.out, formats, name=args.name, card=not args.no_card)
         for kind, path in written.items():
             print(f"{kind}: {path}")
+        if "comfyui" in written:
+            print(comfyui_log_line(written["comfyui"], args.lora))
         return 0
 
     return _run("kontext-lora export", export_parser(), argv, body)

@@ -26,8 +26,13 @@ def test_export_all_writes_every_format_and_a_card(adapter_case: AdapterCase, tm
         "edit_kohya.safetensors",
         "pytorch_lora_weights.safetensors",
     ]
-    assert "kohya: " in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "kohya: " in printed
+    # alpha 8 / rank 4: the diffusers file would load at half strength in ComfyUI; the log and the card say which.
+    assert f"ComfyUI: load {out / 'edit_comfyui.safetensors'}, whose tensors carry each module's alpha" in printed
+    assert "(it would scale by 1, not alpha/r = 2)" in printed
     card = (out / "README.md").read_text()
+    assert "## Use with ComfyUI\n\nComfyUI: load `edit_comfyui.safetensors`" in card and "not alpha/r = 2" in card
     for expected in ("`tiny-kontext`", "r = 4, alpha = 8", "update scale alpha/r = 2", "| Steps | 10 |", "```yaml",
                      "edit_comfyui.safetensors", "load_lora_weights"):  # fmt: skip
         assert expected in card, expected
