@@ -62,8 +62,13 @@ def _describe_files(files: Sequence[str]) -> list[str]:
 def comfyui_note(comfyui_file: str | None, rank: Any = None, alpha: Any = None) -> str:
     """Which file a ComfyUI user loads. The diffusers-format file keeps alpha in its metadata only, which ComfyUI
     does not read: it applies such a file's update at scale 1, not alpha/r (the `_comfyui` file carries alphas)."""
-    scale = f"alpha/r = {float(alpha) / float(rank):g}" if rank and alpha is not None else "alpha/r"
-    why = f"{WEIGHT_NAME} keeps alpha in its metadata only, unread by ComfyUI (it would scale by 1, not {scale})"
+    scale = float(alpha) / float(rank) if rank and alpha is not None else None
+    effect = (
+        "here alpha = r, so it happens to load at its strength"
+        if scale == 1
+        else (f"it would scale by 1, not alpha/r{'' if scale is None else f' = {scale:g}'}")
+    )
+    why = f"{WEIGHT_NAME} keeps alpha in its metadata only, unread by ComfyUI ({effect})"
     if comfyui_file is None:
         return f"ComfyUI: export a file for it with `kontext-lora export --format comfyui`; {why}"
     return f"ComfyUI: load {comfyui_file}, whose tensors carry each module's alpha; {why}"

@@ -89,7 +89,7 @@ def test_wandb_sweep_file_gives_wandb_agents_the_same_run_configs(
     path = write_wandb_sweep(sweep, base, ["lora.preset=attention"])
     config = load_sweep_config(str(path))  # how `wandb sweep` reads it
     assert config["method"] == "grid" and config["name"] == "grid"
-    assert config["command"] == ["${env}", "accelerate", "launch", "${program}", "--config", str(base),
+    assert config["command"] == ["${env}", "accelerate", "launch", "-q", "${program}", "--config", str(base),
                                  "${args_no_hyphens}"]  # fmt: skip
     assert config["parameters"]["lora.rank"] == {"values": [4, 8]}
     grid_points = [
