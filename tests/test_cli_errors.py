@@ -322,10 +322,8 @@ def test_list_item_override_errors_through_the_cli(override: str, expected: str,
 def test_config_folder_and_yaml_errors_through_the_cli(tmp_path: Path, capsys):
     folder = REPO / "configs" / "examples"
     message = _one_line_error(capsys, ["train", "--config", str(folder)])
-    assert (
-        message
-        == f"config file {folder} is a folder; give a YAML file (it holds base.yaml, kontext_dev.yaml, tiny_bw.yaml)"
-    )
+    first = ", ".join(sorted(path.name for path in folder.glob("*.yaml"))[:3])
+    assert message == f"config file {folder} is a folder; give a YAML file (it holds {first})"
     twice = tmp_path / "job.yaml"
     twice.write_text("extends: base.yaml\ntrain:\n  steps: 4\nvalidation:\n  every: 0\ntrain:\n  lr: 1\n")
     message = _one_line_error(capsys, ["train", "--config", str(twice)])
@@ -334,7 +332,7 @@ def test_config_folder_and_yaml_errors_through_the_cli(tmp_path: Path, capsys):
 
 INFER_SCRIPT = """
 import sys
-from kontext_lora.cli import main, quiet_dependency_noise
+from kontext_lora.cli import main
 from kontext_lora.infer import run_inference
 model, lora, image, out, quiet = sys.argv[1:]
 if quiet == "cli":  # the command as users run it (cli.main quiets first)
