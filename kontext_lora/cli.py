@@ -132,7 +132,7 @@ def _plan(args: argparse.Namespace) -> int:
     kept = kept_keys(cfg)
     if kept:
         print(f"kept as set: {kept}")
-    chosen = choose(preds, budget, kept=kept)
+    chosen = choose(preds, budget, kept=kept, **({"budget_name": "--vram"} if source == "--vram" else {}))
     print(plan_table(preds, budget, limit=args.show, chosen=chosen))
     print(f"\nchosen: {chosen.knobs.label()}: peak {chosen.peak_gib:.1f} GiB in {chosen.binding}, "
           f"{chosen.s_per_step:.2f} s/step; per phase (GiB):")  # fmt: skip
@@ -264,12 +264,37 @@ _QUIET_LOGGERS = (
 )
 
 
+# Single messages that every command printed and that ask nothing of the user: transformers' note that it uses the
+# PIL image processors because torchvision is not installed (the pipeline's CLIP processor works either way), and
+# diffusers' notice that a LoRA has no text-encoder keys (ours adapt the transformer only, so none ever has). Other
+# messages of these loggers still show.
+_QUIET_MESSAGES = {
+    "transformers.utils.import_utils": "requires torchvision (not installed); falling back to",
+    "diffusers.loaders.lora_base": "No LoRA keys associated to",
+}
+
+
+class _DropMessage:
+    """A logging filter dropping the records whose message contains `text`."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def filter(self, record) -> bool:
+        return self.text not in record.getMessage()
+
+
 def quiet_dependency_noise() -> None:
-    """Raise the loggers in `_QUIET_LOGGERS` to ERROR (before the dependencies are imported)."""
+    """Raise the loggers in `_QUIET_LOGGERS` to ERROR and filter `_QUIET_MESSAGES` (before the dependencies are
+    imported; loggers are created on first use, so nothing is imported here)."""
     import logging
 
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    for name, text in _QUIET_MESSAGES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.text == text for f in logger.filters):
+            logger.addFilter(_DropMessage(text))
 
 
 def main(argv: list[str] | None = None) -> int:

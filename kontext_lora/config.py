@@ -12,11 +12,13 @@ import dataclasses
 import difflib
 import importlib.util
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
@@ -394,11 +396,17 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"{path}: `extends` loops back to itself")
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.yaml"))[:3]
+        hint = f" (it holds {', '.join(found)})" if found else ""
+        raise ConfigError(f"config file {path} is a folder; give a YAML file{hint}")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
         node = OmegaConf.load(path)
-    except Exception as exc:  # yaml.YAMLError and friends: one line, naming the file
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}{_yaml_problem(exc)}") from None
+    except Exception as exc:  # unreadable bytes and friends: one line, naming the file
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{path}: the top level must be a mapping of keys")
@@ -407,6 +415,17 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
         return node
     base = _read_yaml(path.parent / str(parent), seen + (path,))
     return OmegaConf.merge(base, node)
+
+
+def _yaml_problem(exc: yaml.YAMLError, with_line: bool = True) -> str:
+    """`, line N: what is wrong` of a YAML error (PyYAML's message spans several lines and names the mapping)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f", line {mark.line + 1}" if mark is not None and with_line else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    duplicate = re.fullmatch(r"found duplicate key (.+)", problem)
+    if duplicate:  # OmegaConf's loader refuses a repeated key (plain YAML would keep the last value silently)
+        return f"{where}: duplicate key `{duplicate.group(1)}` (a key may appear once per section; remove one)"
+    return f"{where}: not valid YAML ({problem})"
 
 
 def _check_keys(node: Any, schema: type, prefix: str) -> None:
@@ -603,29 +622,77 @@ def _check_data_values(cfg: Config) -> None:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load, merge and validate a config: YAML file (with `extends:`), then dotlist `key=value` overrides."""
-    schema = OmegaConf.structured(Config)
-    layers: list[DictConfig] = []
-    if path is not None:
-        layers.append(_read_yaml(Path(path)))
-    if overrides:
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
-        try:
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
-        except OmegaConfBaseException as exc:
-            raise ConfigError(f"bad override: {_one_line(exc)}") from None
+    """Load, merge and validate a config: YAML file (with `extends:`), then dotlist `key=value` overrides.
+
+    An override may name a list item by position, `data.datasets[0].path=x` or `data.datasets.0.path=x`, or replace
+    the whole list, `data.datasets=[{path: a}, {path: b}]`.
+    """
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+    layers = [_read_yaml(Path(path))] if path is not None else []
     for layer in layers:
         _check_keys(layer, Config, "")
     try:
-        merged = OmegaConf.merge(schema, *layers)
+        merged = OmegaConf.merge(OmegaConf.structured(Config), *layers)
+        for override in overrides:
+            _apply_override(merged, override)
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         raise ConfigError(_describe_omegaconf_error(exc)) from None
     _check_choices(cfg)
     _check_values(cfg)
     return cfg
+
+
+def _apply_override(merged: DictConfig, override: str) -> None:
+    """Set one `key=value` on the merged config, in place (OmegaConf's dotlist: the value is read as YAML).
+
+    Applied to the merged config rather than merged in as a layer of its own: `OmegaConf.from_dotlist` builds dicts
+    only, so the `0` of `datasets.0.path` became a dict key that cannot merge into the list. The walk here checks
+    each key on the way against the schema first, for one-line errors (a near miss, an index past a list's end).
+    """
+    key, _, text = override.partition("=")
+    try:
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]))["value"]  # type: ignore[index]
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {override!r}{_yaml_problem(exc, with_line=False)}") from None
+    parts = re.findall(r"[^.\[\]]+", key)
+    if not parts:
+        raise ConfigError(f"override {override!r} is not of the form key=value")
+    node: Any = merged
+    prefix = ""
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, ListConfig):
+            index = _list_index(node, part, prefix, override)
+            if last and isinstance(value, dict) and dataclasses.is_dataclass(OmegaConf.get_type(node[index])):
+                _check_keys(OmegaConf.create(value), OmegaConf.get_type(node[index]), f"{prefix}[{index}]")
+            node, prefix = node[index], f"{prefix}[{index}]"
+            continue
+        if not isinstance(node, DictConfig):
+            raise ConfigError(f"override {override!r}: `{prefix}` is a single value, not a section or a list")
+        kind = OmegaConf.get_type(node)
+        if dataclasses.is_dataclass(kind):  # a schema section: the key (and keys inside the value) must be declared
+            _check_keys(OmegaConf.create({part: value if last else None}), kind, prefix)
+        elif not last and part not in node:
+            raise ConfigError(f"override {override!r}: `{prefix}` has no key `{part}`")
+        if not last:
+            node, prefix = node._get_node(part), f"{prefix}.{part}" if prefix else part
+    merged.merge_with_dotlist([f"{'.'.join(parts)}={text}"])
+
+
+def _list_index(items: ListConfig, part: str, prefix: str, override: str) -> int:
+    """The position `part` names in the list at `prefix`; an index past the end is refused (as Hydra does)."""
+    if not part.isdigit():
+        raise ConfigError(f"override {override!r}: `{prefix}` is a list; name an item by position, e.g. {prefix}[0]")
+    index = int(part)
+    if index >= len(items):
+        raise ConfigError(
+            f"override {override!r}: `{prefix}` has {len(items)} item(s), so [{index}] is past its end; add items in "
+            f"the YAML file, or set the whole list: {prefix}=[{{...}}, {{...}}]"
+        )
+    return index
 
 
 def _one_line(exc: BaseException) -> str:

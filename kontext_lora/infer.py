@@ -10,7 +10,9 @@ from PIL import Image
 from kontext_lora.config import ModelConfig
 from kontext_lora.data.triples import load_image
 from kontext_lora.model.device import device_limit_bytes
-from kontext_lora.model.load import load_pipeline
+from kontext_lora.model.load import ModelError, load_pipeline
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # what load_lora_weights looks for in a folder
 
 OFFLOADS = ("auto", "none", "model", "group")
 # Held beside the weights while one ~1 MP edit runs: the transformer's no-grad activations and the VAE decode.
@@ -37,6 +39,7 @@ def run_inference(
     Without `size` the pipeline picks Kontext's preferred ~1 MP resolution for the image's aspect ratio;
     with `size` the output is size x size (useful for the tiny model). `offload` places the pipeline (`place_pipeline`).
     """
+    _check_inputs(Path(model), None if lora is None else Path(lora))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(ModelConfig(pretrained=str(model), dtype=dtype))
     if lora is not None:
@@ -88,3 +91,14 @@ def place_pipeline(pipe, device: torch.device, offload: str = "auto") -> str:
         pipe.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"), offload_type="block_level",
                                   num_blocks_per_group=1, use_stream=device.type == "cuda")  # fmt: skip
     return offload
+
+
+def _check_inputs(model: Path, lora: Path | None) -> None:
+    """Fail before the slow load, naming the argument: diffusers reads a missing LoRA path as a Hub repo id."""
+    if not (model / "model_index.json").is_file():
+        raise ModelError(
+            f"--model {model}: not a diffusers pipeline folder (no model_index.json); give a local FLUX.1-Kontext-dev "
+            f"folder, or build the tiny test model there with `kontext-lora make-tiny-model {model}`"
+        )
+    if lora is not None and not (lora.is_file() or (lora / LORA_WEIGHTS_NAME).is_file()):
+        raise ModelError(f"--lora {lora}: no such file; give a LoRA .safetensors file (or a folder with one)")

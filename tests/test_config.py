@@ -171,6 +171,50 @@ def test_override_without_equals_fails():
     assert "'train.lr'" in message and "key=value" in message
 
 
+@pytest.mark.parametrize("key", ["data.datasets[1].path", "data.datasets.1.path"])
+def test_list_items_are_overridable_in_both_notations(tmp_path: Path, key: str):
+    path = _write(tmp_path / "job.yaml", "model: {pretrained: /m}\ndata: {datasets: [{path: /a}, {path: /b}]}\n")
+    cfg = load_config(path, [f"{key}=/x", key.replace("path", "flip") + "=true", "validation.sigmas[0]=0.3"])
+    assert [(d.path, d.flip) for d in cfg.data.datasets] == [("/a", False), ("/x", True)]
+    assert cfg.validation.sigmas == [0.3, 0.5, 0.75]
+    # A whole item, its keys checked against the schema like the file's.
+    cfg = load_config(path, ["data.datasets[0]={path: /z, weight: 2}"])
+    assert [(d.path, d.weight) for d in cfg.data.datasets] == [("/z", 2.0), ("/b", 1.0)]
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("data.datasets.5.path=x", "override 'data.datasets.5.path=x': `data.datasets` has 1 item(s), so [5] is past "
+         "its end; add items in the YAML file, or set the whole list: data.datasets=[{...}, {...}]"),
+        ("data.datasets.x.path=x", "override 'data.datasets.x.path=x': `data.datasets` is a list; name an item by "
+         "position, e.g. data.datasets[0]"),
+        ("data.datasets[0].pth=x", "unknown config key `data.datasets[0].pth`; did you mean `data.datasets[0].path`?"),
+        ("data.datasets[0]={path: x, flp: true}", "unknown config key `data.datasets[0].flp`; did you mean"),
+        ("data.datasets[0].weight=abc", "config key `data.datasets[0].weight`: value 'abc' (str) is not a valid float"),
+        ("train.lr.x=1", "override 'train.lr.x=1': `train.lr` is a single value, not a section or a list"),
+        ("train.lr=[1,", "override 'train.lr=[1,': not valid YAML (did not find expected node content)"),
+    ],
+)  # fmt: skip
+def test_bad_list_item_override_is_one_clear_line(override: str, expected: str):
+    message = _error([override])
+    assert message.startswith(expected), message
+    assert "\n" not in message
+
+
+def test_yaml_errors_name_the_line(tmp_path: Path):
+    bad = _write(tmp_path / "bad.yaml", "model:\n  pretrained: /m\ntrain: {lr: [1, 2\n")
+    assert _error([], bad) == f"{bad}, line 4: not valid YAML (did not find expected ',' or ']')"
+    twice = _write(tmp_path / "twice.yaml", "train:\n  lr: 1.0e-4\n  steps: 10\n  lr: 1.0e-3\n")
+    message = _error([], twice)
+    assert message == f"{twice}, line 4: duplicate key `lr` (a key may appear once per section; remove one)"
+
+
+def test_config_path_that_is_a_folder(tmp_path: Path):
+    _write(tmp_path / "job.yaml", "train: {lr: 1.0e-4}\n")
+    assert _error([], tmp_path) == f"config file {tmp_path} is a folder; give a YAML file (it holds job.yaml)"
+
+
 # ------------------------------------------------------------------------------------------------ unknown keys
 
 

@@ -124,11 +124,11 @@ def preflight(data: DataConfig, show_progress: bool = True) -> PreflightReport:
 
 def _inspect_all(refs: list[ImageRef], workers: int, show_progress: bool) -> dict[ImageRef, tuple]:
     """{ref: ("ok", (width, height), [notes]) or ("error", message)}, decoding in threads (PIL frees the GIL)."""
-    from tqdm.auto import tqdm
+    from kontext_lora.progress import progress_bar
 
     with ThreadPoolExecutor(max_workers=max(1, workers or min(8, os.cpu_count() or 1))) as pool:
         results = list(
-            tqdm(pool.map(_inspect, refs), total=len(refs), desc="preflight", unit="img", disable=not show_progress)
+            progress_bar(pool.map(_inspect, refs), total=len(refs), desc="preflight", unit="img", show=show_progress)
         )
     return dict(zip(refs, results, strict=True))
 

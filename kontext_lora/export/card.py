@@ -14,7 +14,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kontext_lora.export.diffusers_format import KONTEXT_LORA_METADATA_KEY, LORA_ADAPTER_METADATA_KEY, PREFIX
+from kontext_lora.export.diffusers_format import (
+    KONTEXT_LORA_METADATA_KEY,
+    LORA_ADAPTER_METADATA_KEY,
+    PREFIX,
+    WEIGHT_NAME,
+)
 
 CARD_NAME = "README.md"
 NOT_RECORDED = "not recorded"
@@ -45,13 +50,28 @@ def _describe_files(files: Sequence[str]) -> list[str]:
         elif name.endswith("_comfyui.safetensors"):
             what = "ComfyUI (`diffusion_model.*`, BFL names): put it in `models/loras`, load with *LoraLoaderModelOnly*"
         elif name.endswith(".safetensors"):
-            what = "diffusers/PEFT (`transformer.*`), for `FluxKontextPipeline.load_lora_weights`"
+            what = "diffusers/PEFT (`transformer.*`), for `FluxKontextPipeline.load_lora_weights` (not for ComfyUI)"
         elif name == CARD_NAME:
             continue
         else:
             what = "sample grid" if name.endswith((".png", ".jpg", ".webp")) else ""
         lines.append(f"- `{name}`" + (f": {what}" if what else ""))
     return lines
+
+
+def comfyui_note(comfyui_file: str | None, rank: Any = None, alpha: Any = None) -> str:
+    """Which file a ComfyUI user loads. The diffusers-format file keeps alpha in its metadata only, which ComfyUI
+    does not read: it applies such a file's update at scale 1, not alpha/r (the `_comfyui` file carries alphas)."""
+    scale = float(alpha) / float(rank) if rank and alpha is not None else None
+    effect = (
+        "here alpha = r, so it happens to load at its strength"
+        if scale == 1
+        else (f"it would scale by 1, not alpha/r{'' if scale is None else f' = {scale:g}'}")
+    )
+    why = f"{WEIGHT_NAME} keeps alpha in its metadata only, unread by ComfyUI ({effect})"
+    if comfyui_file is None:
+        return f"ComfyUI: export a file for it with `kontext-lora export --format comfyui`; {why}"
+    return f"ComfyUI: load {comfyui_file}, whose tensors carry each module's alpha; {why}"
 
 
 def model_card(metadata: Mapping[str, str], files: Sequence[str] = (), sample_grid: str | None = None) -> str:
@@ -126,6 +146,8 @@ def model_card(metadata: Mapping[str, str], files: Sequence[str] = (), sample_gr
         "```",
         "",
     ]
+    comfyui = next((name for name in files if name.endswith("_comfyui.safetensors")), None)
+    lines += ["## Use with ComfyUI", "", comfyui_note(f"`{comfyui}`" if comfyui else None, rank, alpha) + ".", ""]
     if sample_grid:
         lines += ["## Samples", "", f"![validation samples]({sample_grid})", ""]
     if info.get("config"):

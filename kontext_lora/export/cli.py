@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from kontext_lora.export.formats import EXPORT_FORMATS, FormatError
+from kontext_lora.export.formats import EXPORT_FORMATS, FormatError, comfyui_log_line
 
 
 class _UsageError(Exception):
@@ -64,6 +64,8 @@ def export_main(argv: list[str]) -> int:
         written = write_exports(args.lora, args.out, formats, name=args.name, card=not args.no_card)
         for kind, path in written.items():
             print(f"{kind}: {path}")
+        if "comfyui" in written:
+            print(comfyui_log_line(written["comfyui"], args.lora))
         return 0
 
     return _run("kontext-lora export", export_parser(), argv, body)
@@ -73,13 +75,16 @@ def export_main(argv: list[str]) -> int:
 
 
 def _lora_and_scale(text: str) -> tuple[str, float]:
-    """`FILE` or `FILE:SCALE` (a path with a colon and no trailing number stays whole)."""
+    """`FILE` or `FILE:SCALE` (an existing file whose name has a colon stays whole)."""
     path, _, scale = text.rpartition(":")
-    if path:
+    if path and not Path(text).is_file():
         try:
             return path, float(scale)
         except ValueError:
-            pass
+            if "/" not in scale and "\\" not in scale:  # `f:abc` is a bad strength; `C:\\x` a Windows path
+                raise argparse.ArgumentTypeError(
+                    f"{text}: the strength after ':' must be a number, not {scale!r} (FILE[:SCALE], e.g. {path}:0.8)"
+                ) from None
     return text, 1.0
 
 

@@ -633,6 +633,14 @@ def write_exports(
     return written
 
 
+def comfyui_log_line(comfyui_file: str | Path, lora_path: str | Path) -> str:
+    """The export log's pointer for ComfyUI users, with the update scale alpha/r of the LoRA at `lora_path`."""
+    from kontext_lora.export.card import comfyui_note
+
+    info = read_adapter(lora_path).info
+    return comfyui_note(str(comfyui_file), info.get("rank"), info.get("alpha"))
+
+
 def card_metadata(adapter: Adapter) -> dict[str, str]:
     """The adapter's config and info as diffusers-file metadata strings (what `card.model_card` reads)."""
     config = adapter.config if adapter.config is not None else (peft_config_for(adapter) if adapter.modules else {})

@@ -173,6 +173,11 @@ def resize_adapter(
         raise FormatError(f"energy must be in (0, 1], got {energy}")
     if adapter.other:
         raise FormatError("resize handles LoRA pairs only; this adapter also has LoHa/LoKr tensors")
+    largest = max((lora.rank for lora in adapter.modules.values()), default=0)
+    if rank is not None and rank > largest:
+        raise FormatError(
+            f"rank {rank} is above this LoRA's rank {largest}: resizing can only lower a rank; give one below {largest}"
+        )
     report = ResizeReport()
     modules: dict[str, ModuleLora] = {}
     for module, lora in adapter.modules.items():

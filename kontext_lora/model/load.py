@@ -15,6 +15,14 @@ class ModelError(ValueError):
     """The model folder cannot be used; the message names the folder and the fix."""
 
 
+def quiet_component_loading() -> None:
+    """No per-model "Loading weights" bars from transformers: they nest inside diffusers' one bar over the pipeline's
+    components, and each text encoder drew its own (process-wide, like the rest of transformers' logging)."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
 def load_pipeline(cfg: ModelConfig, torch_dtype: torch.dtype | None = None):
     """`FluxKontextPipeline.from_pretrained` on the configured local folder (building the tiny model if asked)."""
     from diffusers import FluxKontextPipeline
@@ -30,6 +38,7 @@ def load_pipeline(cfg: ModelConfig, torch_dtype: torch.dtype | None = None):
             f"config key `model.pretrained`: {folder} is not a diffusers pipeline folder (no model_index.json); "
             "point it at a local FLUX.1-Kontext-dev folder, or set model.build_tiny_if_missing=true"
         )
+    quiet_component_loading()
     pipe = FluxKontextPipeline.from_pretrained(str(folder), dtype=torch_dtype or DTYPES[cfg.dtype])
     if not pipe.transformer.config.guidance_embeds:
         raise ModelError(

@@ -112,16 +112,22 @@ def candidates(
     return sorted(out, key=lambda p: (not p.fits(budget_gib), p.s_per_step))
 
 
-def choose(preds: list[Prediction], budget_gib: float, exact_within: float = 1.25, kept: str = "") -> Prediction:
+def choose(
+    preds: list[Prediction],
+    budget_gib: float,
+    exact_within: float = 1.25,
+    kept: str = "",
+    budget_name: str = "config key `memory.budget_gib`",
+) -> Prediction:
     """The fastest fitting candidate, unless a less-quantized one fits within `exact_within` x its s/step (a
     quantized base changes the loss, so its speed must be worth it). `kept`: the keys the config fixed, named in the
-    error when nothing fits."""
+    error when nothing fits; `budget_name`: what the error calls the budget (`kontext-lora plan` takes --vram)."""
     fitting = [p for p in preds if p.fits(budget_gib)]
     if not fitting:
         least = min(preds, key=lambda p: p.peak_gib)
         keeping = f" keeping {kept}" if kept else ""
         raise ConfigError(
-            f"config key `memory.budget_gib`: nothing fits {budget_gib:g} GiB{keeping}; the smallest candidate "
+            f"{budget_name}: nothing fits {budget_gib:g} GiB{keeping}; the smallest candidate "
             f"({least.knobs.label()}) needs {least.peak_gib:.3g} GiB in {least.binding}; lower data.resolution / "
             "train.batch_size / lora.rank" + (", unset the kept keys" if kept else "") + " or raise the budget"
         )

@@ -23,6 +23,7 @@ from kontext_lora.sweep.state import CONFIG_NAME, atomic_write_text, run_state, 
 LAUNCHERS = ("inprocess", "accelerate")
 ERROR_NAME = "error.txt"  # the full traceback of a failed run
 LOG_NAME = "train.log"  # stdout + stderr of an `accelerate launch` run
+CACHE_NAME = "cache"  # <sweep dir>/cache: the latents and embeddings every run of the sweep reads
 TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "train.py"  # the repository's shim, when there is one
 
 
@@ -52,7 +53,8 @@ class PreparedRun:
 
 def prepare_runs(sweep: Sweep, base_config: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> list:
     """Resolve every run's config: base file, then the sweep's `fixed`, then `overrides`, then the run's own values,
-    then output.dir = <sweep dir>/<run name> (and the wandb group = the sweep's name, unless the config sets one).
+    then output.dir = <sweep dir>/<run name>; unless the config sets them, the wandb group is the sweep's name and
+    every run shares one cache, <sweep dir>/cache.
 
     A run whose config is rejected comes back with `error` set, to be recorded as failed. When every run is rejected
     and the base config with the common overrides is rejected too, that one error is raised instead.
@@ -64,8 +66,13 @@ def prepare_runs(sweep: Sweep, base_config: str | Path | None, overrides: list[s
         own = [*common, *run.dotlist(), f"output.dir={run_dir}"]
         try:
             config = load_config(base_config, own)
+            shared = []
             if not config.logging.wandb_group:
-                config = load_config(base_config, [*own, f"logging.wandb_group={sweep.name}"])
+                shared.append(f"logging.wandb_group={sweep.name}")
+            if not config.data.cache_dir:  # entries are content-keyed: runs that differ in a setting simply miss them
+                shared.append(f"data.cache_dir={sweep.dir / CACHE_NAME}")
+            if shared:
+                config = load_config(base_config, [*own, *shared])
         except ConfigError as exc:
             prepared.append(PreparedRun(run, run_dir, None, str(exc)))
             continue
@@ -173,12 +180,12 @@ def _train_subprocess(item: PreparedRun) -> None:
 
 
 def train_command(config_path: Path) -> list[str]:
-    """`accelerate launch train.py --config <config>` (or `-m kontext_lora.cli train` where no train.py is)."""
+    """`accelerate launch -q train.py --config <config>` (or `-m kontext_lora.cli train` where no train.py is)."""
     if TRAIN_SCRIPT.is_file():
         script = [_short_path(TRAIN_SCRIPT)]
     else:
         script = ["-m", "kontext_lora.cli", "train"]
-    return ["accelerate", "launch", *script, "--config", str(config_path)]
+    return ["accelerate", "launch", "-q", *script, "--config", str(config_path)]  # -q: no launcher traceback
 
 
 def _short_path(path: Path) -> str:

@@ -9,8 +9,15 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from kontext_lora.config import ConfigError
-from kontext_lora.sweep.execute import TRAIN_SCRIPT, PreparedRun, _short_path, prepare_runs, train_command
+from kontext_lora.config import ConfigError, load_config
+from kontext_lora.sweep.execute import (
+    CACHE_NAME,
+    TRAIN_SCRIPT,
+    PreparedRun,
+    _short_path,
+    prepare_runs,
+    train_command,
+)
 from kontext_lora.sweep.spec import Sweep, is_int_range, is_log_range
 from kontext_lora.sweep.state import CONFIG_NAME, STATUS_NAME, atomic_write_text, write_status
 
@@ -39,7 +46,7 @@ def prepare_pending(sweep: Sweep, base_config: str | Path | None, overrides: lis
 
 
 def commands(pending: list[PreparedRun]) -> list[str]:
-    """One shell line per run: `accelerate launch train.py --config <sweep dir>/<run>/config.yaml`."""
+    """One shell line per run: `accelerate launch -q train.py --config <sweep dir>/<run>/config.yaml`."""
     return [shlex.join(train_command(item.dir / CONFIG_NAME)) for item in pending]
 
 
@@ -75,7 +82,7 @@ def wandb_sweep_config(
 ) -> dict[str, Any]:
     """The same sweep as a wandb sweep config: `wandb sweep <file>` then `wandb agent <id>` on each machine.
 
-    The agent calls `accelerate launch train.py --config <base> key=value ...` (${args_no_hyphens}); every run writes
+    The agent calls `accelerate launch -q train.py --config <base> key=value ...` (${args_no_hyphens}); every run writes
     <sweep dir>/<wandb run id> and logs to wandb online. Ranges map to wandb distributions (log_uniform_values for
     log ranges); wandb does not round sampled floats to 3 digits as `kontext-lora sweep` does.
     """
@@ -86,6 +93,8 @@ def wandb_sweep_config(
         key, _, text = override.partition("=")
         constants[key] = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]  # type: ignore[index]
     constants["output.dir"] = f"{sweep.dir}/${{oc.env:WANDB_RUN_ID}}"  # the agent sets WANDB_RUN_ID for each run
+    if "data.cache_dir" not in constants and not _configured_cache_dir(base_config, sweep.fixed_dotlist(), overrides):
+        constants["data.cache_dir"] = str(sweep.dir / CACHE_NAME)  # one cache for the sweep, as its own runs share
     constants["logging.report_to"] = "wandb"
     constants["logging.wandb_mode"] = "online"  # a sweep's runs must reach the wandb server
     parameters = {key: {"value": value} for key, value in constants.items() if key not in sweep.parameters}
@@ -98,11 +107,29 @@ def wandb_sweep_config(
         "method": sweep.method,
         "metric": {"name": "loss", "goal": "minimize"},
         "parameters": parameters,
-        "command": ["${env}", "accelerate", "launch", "${program}", "--config", str(base_config), "${args_no_hyphens}"],
+        "command": [
+            "${env}",
+            "accelerate",
+            "launch",
+            "-q",
+            "${program}",
+            "--config",
+            str(base_config),
+            "${args_no_hyphens}",
+        ],  # fmt: skip
     }
     if sweep.method == "random":
         config["run_cap"] = sweep.samples
     return config
+
+
+def _configured_cache_dir(base_config: str | Path | None, fixed: list[str], overrides: list[str] | tuple) -> str:
+    """data.cache_dir as the base config and the common overrides set it ("" where they leave it, or do not load:
+    the runs' own values may supply what the base lacks)."""
+    try:
+        return load_config(base_config, [*fixed, *overrides]).data.cache_dir
+    except ConfigError:
+        return ""
 
 
 def write_wandb_sweep(

@@ -30,6 +30,7 @@ import itertools
 import math
 import random
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,18 +243,19 @@ def _check_names(mapping: dict, allowed: tuple[str, ...], where: str) -> None:
 # ------------------------------------------------------------------------------------------------ names
 
 
-def run_name(overrides: dict[str, Any], keys: list[str]) -> str:
+def run_name(overrides: dict[str, Any], keys: list[str], scientific: Collection[str] = ()) -> str:
     """A readable, filesystem-safe folder name: {lora.rank: 4, train.lr: 1e-3} -> `rank4_lr1e-3`.
 
     Each key is shortened to its last part unless two swept keys share it; numbers follow the key directly,
-    other values after a dash (`preset-attention`). Very long names are cut and end in a hash of the full one.
+    other values after a dash (`preset-attention`). Floats of the keys in `scientific` are all written with an
+    exponent (`1e-2`, not `0.01`). Very long names are cut and end in a hash of the full one.
     """
     last_parts = [key.rsplit(".", 1)[-1] for key in keys]
     short = {key: part if last_parts.count(part) == 1 else key for key, part in zip(keys, last_parts, strict=True)}
     parts = []
     for key, value in overrides.items():
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        parts.append(f"{short.get(key, key)}{'' if number else '-'}{_format_value(value)}")
+        parts.append(f"{short.get(key, key)}{'' if number else '-'}{_format_value(value, key in scientific)}")
     name = _safe("_".join(parts)) or "base"
     if len(name) > 100:
         name = f"{name[:90]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
@@ -261,11 +263,16 @@ def run_name(overrides: dict[str, Any], keys: list[str]) -> str:
 
 
 def _named(combos: list[dict[str, Any]], keys: list[str], names: list[str | None]) -> list[Run]:
-    """Runs with unique names: a repeated name gets -2, -3, ..."""
+    """Runs with unique names: a repeated name gets -2, -3, ...
+
+    A key whose values need an exponent anywhere in the sweep gets one in every run's name (`lr1e-3`, `lr1e-2`), so
+    the names of one sweep read and sort alike.
+    """
+    scientific = {key for combo in combos for key, value in combo.items() if _needs_exponent(value)}
     runs, seen = [], set()
     for i, combo in enumerate(combos):
         given = names[i] if i < len(names) else None
-        base = _safe(str(given)) if given else run_name(combo, keys)
+        base = _safe(str(given)) if given else run_name(combo, keys, scientific)
         name, n = base, 1
         while name in seen:
             n += 1
@@ -275,19 +282,23 @@ def _named(combos: list[dict[str, Any]], keys: list[str], names: list[str | None
     return runs
 
 
-def _format_value(value: Any) -> str:
+def _needs_exponent(value: Any) -> bool:
+    return isinstance(value, float) and value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e5)
+
+
+def _format_value(value: Any, scientific: bool = False) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, float):
-        if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e5):  # 0.001 -> 1e-3, 3e-05 -> 3e-5
+        if value != 0 and (scientific or _needs_exponent(value)):  # 0.001 -> 1e-3, 3e-05 -> 3e-5
             mantissa, exponent = f"{value:.6e}".split("e")
             mantissa = mantissa.rstrip("0").rstrip(".")
             return f"{mantissa}e{int(exponent)}"
         return f"{value:.6g}"
     if isinstance(value, (list, tuple)):
-        return "-".join(_format_value(item) for item in value)
+        return "-".join(_format_value(item, scientific) for item in value)
     if isinstance(value, dict):
-        return "-".join(f"{k}-{_format_value(v)}" for k, v in value.items())
+        return "-".join(f"{k}-{_format_value(v, scientific)}" for k, v in value.items())
     return str(value)
 
 

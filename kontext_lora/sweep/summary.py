@@ -28,6 +28,8 @@ CSV_NAME = "sweep_summary.csv"
 MD_NAME = "sweep_summary.md"
 PLOT_NAME = "sweep_loss.png"
 TAIL_FRACTION = 0.1  # final loss: the last 10% of steps; s/step: all but the first 10%
+LINE_STYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 
 @dataclass
@@ -168,11 +170,18 @@ def plot_losses(sweep: Sweep, rows: list[RunSummary], path: Path) -> Path | None
     from matplotlib.ticker import MaxNLocator
 
     figure, axes = plt.subplots(figsize=(9, 5.5), dpi=100)
+    labels = legend_labels(curves)
     for index, row in enumerate(curves):
-        color = f"C{index % 10}"
+        # Colour, line style and marker all vary, so curves that coincide still show as several (and the legend says
+        # which): a sweep over a key that changes nothing early on draws one line otherwise.
+        color, style = f"C{index % 10}", LINE_STYLES[index % len(LINE_STYLES)]
+        marker = MARKERS[index % len(MARKERS)]
         steps, losses = zip(*row.losses, strict=True)
         axes.plot(steps, losses, color=color, alpha=0.25, linewidth=0.8)
-        axes.plot(steps, _running_mean(list(losses)), color=color, linewidth=1.6, label=f"{row.name} ({row.status})")
+        mean = _running_mean(list(losses))
+        every = max(1, len(steps) // 8)
+        axes.plot(steps, mean, color=color, linestyle=style, linewidth=1.6, marker=marker, markevery=every,
+                  markersize=5, fillstyle="none", label=labels[row.name])  # fmt: skip
         if row.heldout:
             axes.plot(*zip(*row.heldout, strict=True), "o", color=color, markersize=4)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -188,6 +197,17 @@ def plot_losses(sweep: Sweep, rows: list[RunSummary], path: Path) -> Path | None
     finally:
         plt.close(figure)
     return path
+
+
+def legend_labels(curves: list[RunSummary]) -> dict[str, str]:
+    """`name (status)` per run, plus `same curve as <first>` where a run's losses equal an earlier run's."""
+    labels: dict[str, str] = {}
+    first_of: dict[str, str] = {}
+    for row in curves:
+        key = repr([(step, round(loss, 6)) for step, loss in row.losses])
+        same = first_of.setdefault(key, row.name)
+        labels[row.name] = f"{row.name} ({row.status})" + (f", same curve as {same}" if same != row.name else "")
+    return labels
 
 
 def _running_mean(values: list[float]) -> list[float]:

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from kontext_lora.config import Config
 from kontext_lora.data.buckets import render, render_mask
 from kontext_lora.data.cache import DiskCache, folder_identity
 from kontext_lora.data.plan import CachedDataset, CacheEntries, ImageJob, PlannedSample, cache_entries
 from kontext_lora.data.triples import DataError, TripleDataset, collate_triples, load_image
-from kontext_lora.model.load import DTYPES, encode_captions, encode_images, load_pipeline
+from kontext_lora.model.load import DTYPES, encode_captions, encode_images, load_pipeline, quiet_component_loading
+from kontext_lora.progress import progress_bar
 from kontext_lora.train.objective import LatentBatch
 
 VAE_PARTS = ("vae",)
@@ -64,7 +64,7 @@ def encode_dataset(
     """Run the VAE and both text encoders over a square-crop dataset once; CPU tensors in the pipeline's dtype."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_triples)
     items: list[dict] = []
-    for batch in tqdm(loader, desc="encoding triples", unit="batch", disable=not show_progress):
+    for batch in progress_bar(loader, desc="encoding triples", unit="batch", show=show_progress):
         target_latents = encode_images(pipe.vae, batch["target"])  # (B, 16, R/8, R/8)
         control_latents = encode_images(pipe.vae, batch["control"])
         prompt_embeds, pooled_embeds = encode_captions(pipe, batch["caption"], max_sequence_length)
@@ -145,7 +145,7 @@ def fill_cache(
     total = len(images) + len(text_items)
     if total == 0:
         return 0
-    progress = tqdm(total=total, desc="caching", unit="entry", disable=not show_progress)
+    progress = progress_bar(total=total, desc="caching", unit="entry", show=show_progress)
     with cache.writer(f"p{process_index}") as writer:
         for start in range(0, len(text_items), batch_size):
             chunk = text_items[start : start + batch_size]
@@ -178,6 +178,7 @@ def load_encoders(cfg: Config):
     folder = Path(cfg.model.pretrained)
     if not (folder / "model_index.json").is_file():
         return load_pipeline(cfg.model)  # builds the tiny model if asked, or raises the ModelError naming the folder
+    quiet_component_loading()
     pipe = FluxKontextPipeline.from_pretrained(str(folder), transformer=None, dtype=DTYPES[cfg.model.dtype])
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -13,20 +13,21 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from kontext_lora.config import Config, to_dict, to_yaml
 from kontext_lora.data.buckets import BucketBatchSampler, ShardedBatches, bucket_table
 from kontext_lora.data.plan import bucket_keys_of, build_plan
 from kontext_lora.data.preflight import preflight, write_contact_sheet
 from kontext_lora.data.triples import DataError
+from kontext_lora.export.card import comfyui_note
 from kontext_lora.export.diffusers_format import WEIGHT_NAME, read_lora_file, save_diffusers_lora
-from kontext_lora.export.formats import read_adapter, write_exports
+from kontext_lora.export.formats import export_file_names, read_adapter, write_exports
 from kontext_lora.model.load import load_transformer
 from kontext_lora.model.lora import adapter_state, inject_lora, load_adapter_state, lora_parameters
 from kontext_lora.model.quant import quantization_report
 from kontext_lora.model.speed import apply_memory_and_speed
 from kontext_lora.planner import apply_budget
+from kontext_lora.progress import progress_bar
 from kontext_lora.train import checkpoint
 from kontext_lora.train.ema import EMA_WEIGHT_NAME, AdapterEMA
 from kontext_lora.train.encode import (
@@ -240,8 +241,8 @@ def fit(
     validator = validator if cfg.validation.every else None
     state = _TrainingState(accelerator, transformer, optimizer, scheduler, ema, batches, noise_generator)
     step = _start_or_resume(cfg, out_dir, state)
-    progress = tqdm(total=cfg.train.steps, initial=step, desc="training", unit="step",
-                    disable=not accelerator.is_main_process)  # fmt: skip
+    progress = progress_bar(total=cfg.train.steps, initial=step, desc="training", unit="step",
+                            show=accelerator.is_main_process)  # fmt: skip
     loss_sum, micro, tick, first = 0.0, 0, time.perf_counter(), step
     step_start = batches.consumed  # the data position a checkpoint written after an out-of-memory error records
     transformer.train()
@@ -302,6 +303,9 @@ def fit(
         job.flush()
     accelerator.end_training()
     accelerator.print(f"[kontext-lora] adapter written to {final}")
+    comfyui = final.parent / export_file_names(Path(cfg.output.dir).name)["comfyui"]
+    if comfyui.is_file():
+        accelerator.print(f"[kontext-lora] {comfyui_note(str(comfyui), cfg.lora.rank, cfg.lora.alpha)}")
     return final
 
 

@@ -36,6 +36,7 @@ from PIL import Image
 from kontext_lora.config import Config
 from kontext_lora.data.triples import DataError, Triple, discover_triples, image_to_tensor, load_image
 from kontext_lora.model.load import encode_captions, encode_images
+from kontext_lora.progress import progress_bar
 from kontext_lora.train import checkpoint
 from kontext_lora.train.objective import LatentBatch, flow_matching_loss
 
@@ -136,7 +137,7 @@ class Validator:
             record: dict[str, Any] = {"step": step}
             if self.loss_batch is not None:
                 record["heldout_loss"] = self.heldout_loss(transformer)
-            outputs = self.sample(transformer)
+            outputs = self.sample(transformer, desc=f"validation at step {step}")
         record.update(self._edit_metrics(outputs))
         if self.accelerator.is_main_process:
             self._write_grids(step, outputs)
@@ -186,14 +187,23 @@ class Validator:
         return total / count
 
     @torch.no_grad()
-    def sample(self, transformer: torch.nn.Module) -> list[np.ndarray]:
-        """Edit the first `max_images` items; returns (R, R, 3) float arrays in [0, 1]."""
+    def sample(self, transformer: torch.nn.Module, desc: str = "validation") -> list[np.ndarray]:
+        """Edit the first `max_images` items; returns (R, R, 3) float arrays in [0, 1]. A bar counts the denoising
+        steps of this process's items (the pipeline's own bar, one per image, stays off)."""
         pipe = self.pipeline_class(scheduler=self.scheduler, vae=self.vae, text_encoder=None, tokenizer=None,
                                    text_encoder_2=None, tokenizer_2=None, transformer=transformer)  # fmt: skip
         pipe.set_progress_bar_config(disable=True)
         size, device, outputs = self.cfg.data.resolution, self.accelerator.device, []
         items = self.items[: self.cfg.validation.max_images]
-        for i in self._share(len(items)):
+        mine = self._share(len(items))
+        bar = progress_bar(total=len(mine) * self.cfg.validation.steps, desc=desc, unit="step",
+                           show=self.accelerator.is_main_process)  # fmt: skip
+
+        def count_step(pipe, index, timestep, tensors):
+            bar.update(1)
+            return tensors
+
+        for i in mine:
             item = items[i]
             with self.accelerator.autocast():
                 image = pipe(
@@ -202,8 +212,10 @@ class Validator:
                     max_area=size * size, _auto_resize=False, num_inference_steps=self.cfg.validation.steps,
                     guidance_scale=self.cfg.validation.guidance, output_type="np",
                     generator=torch.Generator().manual_seed(self.cfg.validation.seed + i),
+                    callback_on_step_end=count_step,
                 ).images[0]  # fmt: skip
             outputs.append((i, np.clip(image.astype(np.float32), 0.0, 1.0)))
+        bar.close()
         return self._gather(outputs)
 
     # ------------------------------------------------------------------------------------------------ metrics

@@ -26,8 +26,13 @@ def test_export_all_writes_every_format_and_a_card(adapter_case: AdapterCase, tm
         "edit_kohya.safetensors",
         "pytorch_lora_weights.safetensors",
     ]
-    assert "kohya: " in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "kohya: " in printed
+    # alpha 8 / rank 4: the diffusers file would load at half strength in ComfyUI; the log and the card say which.
+    assert f"ComfyUI: load {out / 'edit_comfyui.safetensors'}, whose tensors carry each module's alpha" in printed
+    assert "(it would scale by 1, not alpha/r = 2)" in printed
     card = (out / "README.md").read_text()
+    assert "## Use with ComfyUI\n\nComfyUI: load `edit_comfyui.safetensors`" in card and "not alpha/r = 2" in card
     for expected in ("`tiny-kontext`", "r = 4, alpha = 8", "update scale alpha/r = 2", "| Steps | 10 |", "```yaml",
                      "edit_comfyui.safetensors", "load_lora_weights"):  # fmt: skip
         assert expected in card, expected
@@ -128,3 +133,11 @@ def test_resize_main_prints_energy(adapter_case: AdapterCase, tmp_path, capsys) 
     assert {lora.rank for lora in read_adapter(out).modules.values()} == {2}
     assert resize_main(["--lora", str(adapter_case.path), "--rank", "2", "--energy", "0.9", "--out", str(out)]) == 2
     assert "not allowed with" in _one_error_line(capsys)
+
+
+def test_resize_refuses_a_rank_above_the_loras(adapter_case: AdapterCase, tmp_path, capsys) -> None:
+    out = tmp_path / "big.safetensors"
+    assert resize_main(["--lora", str(adapter_case.path), "--rank", "64", "--out", str(out)]) == 2
+    message = _one_error_line(capsys)
+    assert message.endswith("rank 64 is above this LoRA's rank 4: resizing can only lower a rank; give one below 4")
+    assert not out.exists()

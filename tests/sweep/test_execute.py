@@ -66,7 +66,7 @@ def test_grid_2x2_runs_end_to_end_and_the_summary_matches_each_runs_log(
 
     with open(out / "sweep_summary.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert [row["run"] for row in rows] == ["rank4_lr1e-3", "rank4_lr0.01", "rank8_lr1e-3", "rank8_lr0.01"]
+    assert [row["run"] for row in rows] == ["rank4_lr1e-3", "rank4_lr1e-2", "rank8_lr1e-3", "rank8_lr1e-2"]
     markdown = (out / "sweep_summary.md").read_text()
     first_losses = set()
     for row in rows:
@@ -96,7 +96,15 @@ def test_grid_2x2_runs_end_to_end_and_the_summary_matches_each_runs_log(
     with Image.open(out / "sweep_loss.png") as plot:
         assert plot.format == "PNG" and plot.size == (900, 550)
     assert (out / "sweep.yaml").read_text() == sweep_file.read_text()
-    assert "[sweep] 4/4 runs done" in capsys.readouterr().out
+    output = capsys.readouterr().out
+    assert "[sweep] 4/4 runs done" in output
+    # One cache for the whole sweep: the first run computes its triples' latents and texts, the others reuse them.
+    caches = [line for line in output.splitlines() if line.startswith("[kontext-lora] cache ")]
+    entries = int(caches[0].split(": ")[1].split()[0])
+    assert entries > 0 and caches == [
+        f"[kontext-lora] cache {out / 'cache'}: {entries} entries computed, 0 reused"
+    ] + 3 * [f"[kontext-lora] cache {out / 'cache'}: 0 entries computed, {entries} reused"]
+    assert not any((out / row["run"] / "cache").exists() for row in rows)
 
 
 def test_a_failing_run_is_recorded_and_the_others_complete(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -39,7 +39,7 @@ def test_slurm_task_and_accelerate_launcher_train_the_runs_the_printed_commands_
         str(out),
     ]
     train_py = os.path.relpath(REPO / "train.py")
-    expected = [f"accelerate launch {train_py} --config {out / name / 'config.yaml'}" for name in ("ok", "no_data")]
+    expected = [f"accelerate launch -q {train_py} --config {out / name / 'config.yaml'}" for name in ("ok", "no_data")]
 
     assert main([*argv, "--print"]) == 0
     assert capsys.readouterr().out.splitlines() == expected
@@ -48,7 +48,7 @@ def test_slurm_task_and_accelerate_launcher_train_the_runs_the_printed_commands_
     script = (out / "sweep.slurm").read_text()
     assert "#SBATCH --array=0-1\n" in script and "#SBATCH --job-name=two\n" in script
     assert f"CONFIGS=(\n  {out / 'ok' / 'config.yaml'}\n  {out / 'no_data' / 'config.yaml'}\n)\n" in script
-    assert f'exec accelerate launch {train_py} --config "${{CONFIGS[$SLURM_ARRAY_TASK_ID]}}"\n' in script
+    assert f'exec accelerate launch -q {train_py} --config "${{CONFIGS[$SLURM_ARRAY_TASK_ID]}}"\n' in script
 
     # Slurm task 0, run by bash as slurm would: a real `accelerate launch train.py` of the first run.
     env = {**os.environ, "SLURM_ARRAY_TASK_ID": "0", "PYTHONPATH": str(REPO),
@@ -89,7 +89,7 @@ def test_wandb_sweep_file_gives_wandb_agents_the_same_run_configs(
     path = write_wandb_sweep(sweep, base, ["lora.preset=attention"])
     config = load_sweep_config(str(path))  # how `wandb sweep` reads it
     assert config["method"] == "grid" and config["name"] == "grid"
-    assert config["command"] == ["${env}", "accelerate", "launch", "${program}", "--config", str(base),
+    assert config["command"] == ["${env}", "accelerate", "launch", "-q", "${program}", "--config", str(base),
                                  "${args_no_hyphens}"]  # fmt: skip
     assert config["parameters"]["lora.rank"] == {"values": [4, 8]}
     grid_points = [

@@ -36,6 +36,13 @@ def test_grid_is_the_cartesian_product_with_readable_unique_names(tmp_path: Path
     assert load_sweep(nested).fixed == {"train.steps": 7}
 
 
+def test_one_key_writes_its_numbers_one_way_in_every_run_name(tmp_path: Path) -> None:
+    path = _sweep_file(tmp_path, "grid:\n  train.lr: [1.0e-3, 0.01, 0.5]\n  lora.alpha: [2.0, 0.5]\n")
+    names = [run.name for run in load_sweep(path).runs]
+    assert names[:3] == ["lr1e-3_alpha2", "lr1e-3_alpha0.5", "lr1e-2_alpha2"]
+    assert names[-1] == "lr5e-1_alpha0.5"  # lr needs an exponent somewhere, so it has one everywhere; alpha nowhere
+
+
 def test_run_names_are_filesystem_safe_and_disambiguated() -> None:
     keys = ["lora.preset", "lora.target_modules", "train.gradient_checkpointing", "logging.wandb_project"]
     name = run_name(

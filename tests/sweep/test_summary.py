@@ -10,7 +10,7 @@ from pathlib import Path
 
 from kontext_lora.sweep.spec import load_sweep
 from kontext_lora.sweep.state import run_state
-from kontext_lora.sweep.summary import summarize_run, to_csv, to_markdown, write_summary
+from kontext_lora.sweep.summary import legend_labels, summarize_run, to_csv, to_markdown, write_summary
 
 
 def _write_run(run: Path, steps: int, peaks: bool, heldout: dict[int, float], config_steps: int) -> list[dict]:
@@ -68,4 +68,18 @@ def test_tables_and_plot_of_a_sweep(tmp_path: Path) -> None:
     markdown = to_markdown(sweep, rows)
     assert "3 runs (runs over `lora.rank`, `train.lr`): 2 incomplete, 1 pending." in markdown
     assert "| c |  |  | pending |  |  |  |  |  |  |" in markdown and "no validation" not in markdown
+    assert (tmp_path / "sweep" / "sweep_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_legend_names_curves_that_coincide(tmp_path: Path) -> None:
+    sweep_file = tmp_path / "s.yaml"
+    sweep_file.write_text("runs:\n  - {name: a, lora.rank: 4}\n  - {name: b, lora.rank: 8}\n  - {name: c}\n")
+    sweep = load_sweep(sweep_file, tmp_path / "sweep")
+    for name in ("a", "b"):  # the same losses: a sweep over a key that changes nothing
+        _write_run(tmp_path / "sweep" / name, 10, peaks=False, heldout={}, config_steps=10)
+    _write_run(tmp_path / "sweep" / "c", 6, peaks=False, heldout={}, config_steps=10)
+    rows = write_summary(sweep)
+    assert legend_labels(rows) == {
+        "a": "a (incomplete)", "b": "b (incomplete), same curve as a", "c": "c (incomplete)"
+    }  # fmt: skip
     assert (tmp_path / "sweep" / "sweep_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -114,15 +114,25 @@ def test_validation_writes_grids_metrics_and_the_best_adapter(tiny_model_dir: Pa
     assert all(torch.equal(plain[k], trained[k]) for k in trained)
 
 
-def test_fit_builds_the_validator_from_a_pipeline(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_fit_builds_the_validator_from_a_pipeline(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     cfg = _config(tiny_model_dir, tmp_path, "run", "train.steps=1", "validation.every=1", "logging.report_to=none",
-                  "validation.heldout_path=''", "validation.best_metric=none", "output.save_every=0")  # fmt: skip
+                  "validation.heldout_path=''", "validation.best_metric=none", "output.save_every=0",
+                  "output.export_formats=[comfyui]")  # fmt: skip
     pipe = load_pipeline(cfg.model)
     encoded = encode_dataset(pipe, TripleDataset(discover_triples(EXAMPLES)[:2], RES), 8, show_progress=False)
     fit(cfg, pipe.transformer, encoded, pipeline=pipe)
     grids = sorted(p.name for p in (tmp_path / "run" / "validation" / "step-000001").iterdir())
     assert grids == ["example-0-astronaut.png", "example-1-coffee.png"]
     assert not (tmp_path / "run" / "best.json").exists()
+    # Sampling shows its progress: 2 images x validation.steps=2 denoising steps.
+    output = capsys.readouterr()
+    bars = output.err.replace("\r", "\n")
+    assert "validation at step 1: 100%" in bars and " 4/4 " in bars, bars
+    # The log points ComfyUI users at the file that carries alpha (alpha 16 / rank 4 is lost in the diffusers file).
+    comfyui = tmp_path / "run" / "run_comfyui.safetensors"
+    assert comfyui.is_file()
+    assert f"[kontext-lora] ComfyUI: load {comfyui}, whose tensors carry each module's alpha" in output.out
+    assert "(it would scale by 1, not alpha/r = 4)" in output.out
 
 
 def test_heldout_split_is_seeded_and_disjoint() -> None:
