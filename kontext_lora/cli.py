@@ -14,6 +14,7 @@ _USER_ERRORS = {
     "kontext_lora.model.load": "ModelError",
     "kontext_lora.train.loop": "TrainingError",
     "kontext_lora.export.formats": "FormatError",
+    "kontext_lora.infer": "InferError",
 }
 
 
