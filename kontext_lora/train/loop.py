@@ -196,6 +196,8 @@ def fit(
 def _fit(cfg: Config, transformer: torch.nn.Module, encoded: Dataset, accelerator: Accelerator, pipeline,
          validator) -> Path:  # fmt: skip
     out_dir = Path(cfg.output.dir)
+    if accelerator.is_main_process:  # done by train() already; fit() may be called on its own (before the trackers)
+        _claim(cfg, out_dir)
     # The adapter's initial weights depend on train.seed alone, not on how many random numbers loading and
     # caching drew before (which differs between a cold and a warm cache, and between processes).
     set_seed(cfg.train.seed)
@@ -348,8 +350,6 @@ def _start_or_resume(cfg: Config, out_dir: Path, state: _TrainingState) -> int:
     """Start fresh (a new metrics log) or restore the checkpoint train.resume names; returns the step to go on from."""
     accelerator = state.accelerator
     resume_from = _resume_folder(cfg, out_dir)
-    if accelerator.is_main_process:
-        _claim(cfg, out_dir)  # done by train() already; fit() may be called on its own
     if resume_from is None:
         if accelerator.is_main_process:
             (out_dir / METRICS_NAME).unlink(missing_ok=True)
