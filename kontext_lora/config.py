@@ -188,7 +188,8 @@ class OutputConfig:
     overwrite: bool = opt(
         False,
         "Start over in an output.dir that holds another run: its adapters, checkpoints, metrics, best/ and validation/ "
-        "are deleted first (the cache is kept). Without it such a folder is refused unless train.resume is set.",
+        "are deleted first (the cache is kept). Without it such a folder is refused unless train.resume is set; a "
+        "resume that finds a checkpoint continues it either way.",
     )
 
 
@@ -600,7 +601,6 @@ def _check_patterns(cfg: Config) -> None:
 def _check_values(cfg: Config) -> None:
     """Ranges, paths and cross-field checks that a type alone cannot express."""
     _check_ranges(cfg)
-    _check_paths(cfg)
     _check_patterns(cfg)
     if cfg.data.resolution % 16:
         raise ConfigError(f"config key `data.resolution`: must be a multiple of 16, got {cfg.data.resolution}")
@@ -645,6 +645,7 @@ def _check_values(cfg: Config) -> None:
             f"{'DoRA' if cfg.lora.use_dora else cfg.lora.adapter_type} (they read the base weight itself)"
         )
     _check_training_features(cfg)
+    _check_paths(cfg)  # last: a value that cannot work is named before a file that is not there
 
 
 def _check_training_features(cfg: Config) -> None:
