@@ -5,9 +5,10 @@ A leaf module (standard library only), so every package may use it without break
 
 from __future__ import annotations
 
+import glob
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,8 +19,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp file path beside `path`; write it, and on success it replaces `path` (os.replace)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _unique(path, ".tmp", lambda name: os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)))
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -32,7 +32,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp folder beside `path`; fill it, and on success it replaces the folder `path` by a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = _unique(path, "", lambda name: os.mkdir(name, 0o777))
     try:
         yield tmp
         if path.exists():
@@ -41,3 +41,40 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _unique(path: Path, suffix: str, create) -> Path:
+    """Create `.<name>.<random><suffix>` beside `path` with `create` (which fails if it exists) and return it.
+
+    Unlike tempfile's mkstemp / mkdtemp (modes 0600 / 0700), the file or folder gets the mode the user's umask
+    gives, as one written in place would.
+    """
+    while True:
+        candidate = path.with_name(f".{path.name}.{secrets.token_hex(4)}{suffix}")
+        try:
+            create(candidate)
+        except FileExistsError:
+            continue
+        return candidate
+
+
+def umask_mode(mode: int = 0o666) -> int:
+    """`mode` as the user's umask leaves it: what a file created in place would get."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
+def remove_leftovers(path: str | os.PathLike) -> list[Path]:
+    """Delete the temp files and folders that an interrupted `atomic_path` / `atomic_directory` left beside `path`
+    (`.<name>.<random>[.tmp]`); returns them. Call it only where no other writer of `path` can be running."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    found = [p for p in path.parent.glob(f".{glob.escape(path.name)}.*")]
+    for leftover in found:
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+    return found

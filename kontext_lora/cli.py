@@ -15,6 +15,7 @@ _USER_ERRORS = {
     "kontext_lora.train.loop": "TrainingError",
     "kontext_lora.train.job": "JobOutOfMemory",
     "kontext_lora.export.formats": "FormatError",
+    "kontext_lora.infer": "InferError",
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import math
 import os
 import re
 import typing
@@ -185,6 +186,12 @@ class OutputConfig:
         [], "Also write these formats (kohya, comfyui) and a model card beside each saved adapter."
     )
     keep_last: int = opt(0, "Keep only the newest K step-NNNNNN checkpoints (0 keeps all).")
+    overwrite: bool = opt(
+        False,
+        "Start over in an output.dir that holds another run: its adapters, checkpoints, metrics, best/ and validation/ "
+        "are deleted first (the cache is kept). Without it such a folder is refused unless train.resume is set; a "
+        "resume that finds a checkpoint continues it either way.",
+    )
 
 
 @dataclass
@@ -468,20 +475,153 @@ def _check_choices(cfg: Any, prefix: str = "") -> None:
                     _check_choices(item, f"{full}[{i}]")
 
 
+# Allowed range of every numeric key: (low, high, low included, high included); None leaves that side open. Keys of
+# list items use `[]` (data.datasets[].weight). `_check_ranges` also refuses NaN and infinity for every float key,
+# and a test asserts that each numeric key of the schema has a row here.
+_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "model.guidance": (0, None, True, True),
+    "model.max_sequence_length": (0, None, False, True),
+    "data.datasets[].weight": (0, None, False, True),
+    "data.datasets[].repeats": (0, None, False, True),
+    "data.datasets[].resolution": (0, None, True, True),
+    "data.datasets[].caption_dropout": (0, 1, True, True),
+    "data.resolution": (0, None, False, True),
+    "data.num_workers": (0, None, True, True),
+    "data.max_aspect_ratio": (1, None, True, True),
+    "data.max_upscale": (1, None, True, True),
+    "data.aspect_tolerance": (0, None, True, True),
+    "data.crop_variants": (0, None, False, True),
+    "data.preflight_samples": (0, None, True, True),
+    "lora.rank": (0, None, False, True),
+    "lora.alpha": (0, None, False, True),
+    "lora.dropout": (0, 1, True, False),
+    "train.steps": (0, None, False, True),
+    "train.batch_size": (0, None, False, True),
+    "train.gradient_accumulation": (0, None, False, True),
+    "train.lr": (0, None, True, True),
+    "train.weight_decay": (0, None, True, True),
+    "train.warmup_steps": (0, None, True, True),
+    "train.seed": (0, 2**32 - 1, True, True),  # numpy's global seed (accelerate's set_seed) takes 32 bits
+    "train.max_grad_norm": (0, None, True, True),
+    "train.logit_mean": (None, None, True, True),
+    "train.logit_std": (0, None, False, True),
+    "output.save_every": (0, None, True, True),
+    "output.keep_last": (0, None, True, True),
+    "logging.log_every": (0, None, False, True),
+    "ema.decay": (0, 1, True, True),
+    "ema.every": (0, None, False, True),
+    "validation.every": (0, None, True, True),
+    "validation.heldout_count": (0, None, True, True),
+    "validation.max_images": (0, None, True, True),
+    "validation.steps": (0, None, False, True),
+    "validation.guidance": (0, None, True, True),
+    "validation.seed": (0, 2**32 - 1, True, True),
+    "validation.sigmas[]": (0, 1, False, True),
+    "loss.mode_scale": (0, None, True, True),
+    "loss.sigmoid_scale": (0, None, False, True),
+    "loss.shift": (0, None, False, True),
+    "loss.huber_delta": (0, None, False, True),
+    "loss.mask_outside_weight": (0, 1, True, True),
+    "loss.edit_floor": (0, 1, True, True),
+    "optim.betas[]": (0, 1, True, False),
+    "optim.eps": (0, None, False, True),
+    "optim.min_8bit_size": (0, None, True, True),
+    "optim.prodigy_d_coef": (0, None, False, True),
+    "optim.nonfinite_limit": (0, None, False, True),
+    "speed.checkpoint_fraction": (0, 1, True, True),
+    "speed.activation_budget": (0, 1, True, True),
+    "memory.block_swap": (0, None, True, True),
+    "memory.budget_gib": (0, None, True, True),
+    "lora.rank_pattern{}": (0, None, False, True),
+    "lora.alpha_pattern{}": (0, None, False, True),
+}
+
+
+def _numeric_values(node: Any, prefix: str = "") -> typing.Iterator[tuple[str, str, Any]]:
+    """(range key, key as shown to the user, value) of every number in the config tree (bools excluded)."""
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _numeric_values(value, f"{key}.")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    for rule, shown, number in _numeric_values(item, f"{key}[]."):
+                        yield rule, shown.replace(f"{key}[]", f"{key}[{i}]", 1), number
+                elif isinstance(item, (int, float)) and not isinstance(item, bool):
+                    yield f"{key}[]", f"{key}[{i}]", item
+        elif isinstance(value, dict):
+            for name, item in value.items():
+                yield f"{key}{{}}", f"{key}[{name!r}]", item
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield key, key, value
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Every number: finite, and inside its `_RANGES` row; the message names the key and the allowed range."""
+    for rule, shown, value in _numeric_values(cfg):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key `{shown}`: must be a finite number, got {value}")
+        low, high, low_in, high_in = _RANGES[rule]
+        below = low is not None and (value < low or (value == low and not low_in))
+        above = high is not None and (value > high or (value == high and not high_in))
+        if below or above:
+            if high is None:
+                allowed = f"{'>=' if low_in else '>'} {low:g}"
+            elif low is None:
+                allowed = f"{'<=' if high_in else '<'} {high:g}"
+            else:
+                allowed = f"in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+            raise ConfigError(f"config key `{shown}`: must be {allowed}, got {value}")
+
+
+def _check_paths(cfg: Config) -> None:
+    """Paths that must name a folder (or nothing yet) or a file, and texts that must not be empty."""
+    if not cfg.model.pretrained.strip():
+        raise ConfigError("config key `model.pretrained`: empty; give the diffusers folder of the model")
+    for key, value in (("model.pretrained", cfg.model.pretrained), ("output.dir", cfg.output.dir),
+                       ("data.cache_dir", cfg.data.cache_dir)):  # fmt: skip
+        if value and Path(value).exists() and not Path(value).is_dir():
+            raise ConfigError(f"config key `{key}`: {value} is a file, not a folder; name a folder")
+    if not cfg.output.dir.strip():
+        raise ConfigError("config key `output.dir`: empty; name the run folder")
+    for i, ds in enumerate(cfg.data.datasets):
+        if not ds.path.strip():
+            raise ConfigError(f"config key `data.datasets[{i}].path`: empty; name the dataset folder or file")
+        if not ds.target_key.strip() or any(not name.strip() for name in ds.control_keys):
+            raise ConfigError(f"config key `data.datasets[{i}].target_key`/`control_keys`: names must not be empty")
+    if cfg.lora.init_from and not Path(cfg.lora.init_from).is_file():
+        raise ConfigError(f"config key `lora.init_from`: {cfg.lora.init_from} is not a file; name a LoRA file")
+    resume = cfg.train.resume
+    if resume and resume != "latest" and not Path(resume).is_dir():
+        raise ConfigError(f"config key `train.resume`: {resume} is not a folder; use `latest` or a step-* folder")
+    if cfg.validation.heldout_path and not Path(cfg.validation.heldout_path).exists():
+        raise ConfigError(f"config key `validation.heldout_path`: {cfg.validation.heldout_path} does not exist")
+    for i, example in enumerate(cfg.validation.examples):
+        for name in ("control", "target", "mask"):
+            value = getattr(example, name)
+            if value and not Path(value).is_file():
+                raise ConfigError(f"config key `validation.examples[{i}].{name}`: {value} is not a file")
+
+
+def _check_patterns(cfg: Config) -> None:
+    """lora.target_regex and the rank/alpha pattern keys are regexes: they must compile."""
+    patterns = [("lora.target_regex", cfg.lora.target_regex)] if cfg.lora.target_regex else []
+    patterns += [(f"lora.rank_pattern[{k!r}]", k) for k in cfg.lora.rank_pattern]
+    patterns += [(f"lora.alpha_pattern[{k!r}]", k) for k in cfg.lora.alpha_pattern]
+    for key, pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"config key `{key}`: {pattern!r} is not a valid regex ({exc})") from None
+    if any(not name.strip() for name in cfg.lora.target_modules):
+        raise ConfigError("config key `lora.target_modules`: names must not be empty")
+
+
 def _check_values(cfg: Config) -> None:
-    """Cross-field and range checks that a type alone cannot express."""
-    positive = {
-        "train.steps": cfg.train.steps,
-        "train.batch_size": cfg.train.batch_size,
-        "train.gradient_accumulation": cfg.train.gradient_accumulation,
-        "lora.rank": cfg.lora.rank,
-        "data.resolution": cfg.data.resolution,
-        "logging.log_every": cfg.logging.log_every,
-        "model.max_sequence_length": cfg.model.max_sequence_length,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"config key `{key}`: must be > 0, got {value}")
+    """Ranges, paths and cross-field checks that a type alone cannot express."""
+    _check_ranges(cfg)
+    _check_patterns(cfg)
     if cfg.data.resolution % 16:
         raise ConfigError(f"config key `data.resolution`: must be a multiple of 16, got {cfg.data.resolution}")
     _check_data_values(cfg)
@@ -490,17 +630,6 @@ def _check_values(cfg: Config) -> None:
     for fmt in cfg.output.export_formats:
         if fmt not in ("diffusers", "kohya", "comfyui"):
             raise ConfigError(f"config key `output.export_formats`: {fmt!r} is not one of diffusers, kohya, comfyui")
-    for key, value in {"output.keep_last": cfg.output.keep_last, "validation.every": cfg.validation.every,
-                       "validation.heldout_count": cfg.validation.heldout_count}.items():  # fmt: skip
-        if value < 0:
-            raise ConfigError(f"config key `{key}`: must be >= 0, got {value}")
-    if cfg.ema.every <= 0 or cfg.validation.steps <= 0:
-        key, value = ("ema.every", cfg.ema.every) if cfg.ema.every <= 0 else ("validation.steps", cfg.validation.steps)
-        raise ConfigError(f"config key `{key}`: must be > 0, got {value}")
-    if not 0.0 <= cfg.ema.decay <= 1.0:
-        raise ConfigError(f"config key `ema.decay`: must be in [0, 1], got {cfg.ema.decay}")
-    if any(not 0.0 < s <= 1.0 for s in cfg.validation.sigmas):
-        raise ConfigError(f"config key `validation.sigmas`: each must be in (0, 1], got {cfg.validation.sigmas}")
     val = cfg.validation
     has_targets = bool(val.heldout_path or val.heldout_count or any(e.target for e in val.examples))
     if val.every and not (has_targets or val.examples):
@@ -512,11 +641,6 @@ def _check_values(cfg: Config) -> None:
         )
     if cfg.validation.use_ema and not cfg.ema.enabled:
         raise ConfigError("config key `validation.use_ema`: needs ema.enabled=true")
-    if not 0.0 <= cfg.lora.dropout < 1.0:
-        raise ConfigError(f"config key `lora.dropout`: must be in [0, 1), got {cfg.lora.dropout}")
-    for key in ("checkpoint_fraction", "activation_budget"):
-        if not 0.0 <= getattr(cfg.speed, key) <= 1.0:
-            raise ConfigError(f"config key `speed.{key}`: must be in [0, 1], got {getattr(cfg.speed, key)}")
     if cfg.memory.base_quant == "nf4" and importlib.util.find_spec("torchao") is None:
         raise ConfigError("config key `memory.base_quant`: nf4 needs torchao (pip install 'kontext-lora[memory]')")
     if cfg.memory.block_swap < 0:
@@ -544,6 +668,7 @@ def _check_values(cfg: Config) -> None:
             f"{'DoRA' if cfg.lora.use_dora else cfg.lora.adapter_type} (they read the base weight itself)"
         )
     _check_training_features(cfg)
+    _check_paths(cfg)  # last: a value that cannot work is named before a file that is not there
 
 
 def _check_budget(value: str) -> None:
@@ -556,19 +681,8 @@ def _check_budget(value: str) -> None:
 
 
 def _check_training_features(cfg: Config) -> None:
-    """Ranges of the loss / optim / adapter keys, and adapter kinds the requested exports cannot hold."""
-    if not 0.0 <= cfg.loss.edit_floor <= 1.0:
-        raise ConfigError(f"config key `loss.edit_floor`: must be in [0, 1], got {cfg.loss.edit_floor}")
-    if not 0.0 <= cfg.loss.mask_outside_weight <= 1.0:
-        raise ConfigError(
-            f"config key `loss.mask_outside_weight`: must be in [0, 1], got {cfg.loss.mask_outside_weight}"
-        )
-    for key, value in {"loss.shift": cfg.loss.shift, "loss.huber_delta": cfg.loss.huber_delta,
-                       "loss.sigmoid_scale": cfg.loss.sigmoid_scale, "optim.nonfinite_limit": cfg.optim.nonfinite_limit,
-                       "train.logit_std": cfg.train.logit_std}.items():  # fmt: skip
-        if value <= 0:
-            raise ConfigError(f"config key `{key}`: must be > 0, got {value}")
-    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+    """Adapter kinds and the options or exports they cannot take."""
+    if len(cfg.optim.betas) != 2:
         raise ConfigError(f"config key `optim.betas`: two values in [0, 1), got {list(cfg.optim.betas)}")
     kind = cfg.lora.adapter_type
     if kind != "lora" and (cfg.lora.use_dora or cfg.lora.use_rslora or cfg.lora.init_lora_weights != "default"):
@@ -599,24 +713,11 @@ def _check_training_features(cfg: Config) -> None:
 
 
 def _check_data_values(cfg: Config) -> None:
-    """Ranges of the data keys (buckets, per-dataset sampling and augmentation)."""
-    data = cfg.data
-    if data.max_aspect_ratio < 1.0:
-        raise ConfigError(f"config key `data.max_aspect_ratio`: must be >= 1, got {data.max_aspect_ratio}")
-    if data.max_upscale < 1.0:
-        raise ConfigError(f"config key `data.max_upscale`: must be >= 1, got {data.max_upscale}")
-    if data.crop_variants <= 0:
-        raise ConfigError(f"config key `data.crop_variants`: must be > 0, got {data.crop_variants}")
-    if data.num_workers < 0:
-        raise ConfigError(f"config key `data.num_workers`: must be >= 0, got {data.num_workers}")
-    for i, ds in enumerate(data.datasets):
+    """Data keys a range cannot express (bucket multiples, control names)."""
+    for i, ds in enumerate(cfg.data.datasets):
         key = f"data.datasets[{i}]"
-        if ds.weight <= 0 or ds.repeats <= 0:
-            raise ConfigError(f"config key `{key}.weight`/`repeats`: must be > 0, got {ds.weight}/{ds.repeats}")
-        if ds.resolution < 0 or ds.resolution % 16:
+        if ds.resolution % 16:
             raise ConfigError(f"config key `{key}.resolution`: must be 0 or a multiple of 16, got {ds.resolution}")
-        if not 0.0 <= ds.caption_dropout <= 1.0:
-            raise ConfigError(f"config key `{key}.caption_dropout`: must be in [0, 1], got {ds.caption_dropout}")
         if len(set(ds.control_keys)) != len(ds.control_keys) or ds.target_key in ds.control_keys:
             raise ConfigError(f"config key `{key}.control_keys`: names must be distinct and differ from target_key")
 

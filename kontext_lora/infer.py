@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -41,6 +42,9 @@ def run_inference(
     """
     _check_inputs(Path(model), None if lora is None else Path(lora))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _check_arguments(image, out, steps, guidance, scale, size)  # before the model loads: one line, at once
+    if lora is not None:
+        _check_lora_file(Path(lora))
     pipe = load_pipeline(ModelConfig(pretrained=str(model), dtype=dtype))
     if lora is not None:
         pipe.load_lora_weights(str(lora), adapter_name="kontext_lora")
@@ -102,3 +106,29 @@ def _check_inputs(model: Path, lora: Path | None) -> None:
         )
     if lora is not None and not (lora.is_file() or (lora / LORA_WEIGHTS_NAME).is_file()):
         raise ModelError(f"--lora {lora}: no such file; give a LoRA .safetensors file (or a folder with one)")
+
+
+class InferError(ValueError):
+    """An `infer` argument that cannot work; the message names it."""
+
+
+def _check_arguments(image, out, steps: int, guidance: float, scale: float, size: int | None) -> None:
+    if not Path(image).is_file():
+        raise InferError(f"--image {image}: no such file")
+    if Path(out).is_dir() or Path(out).suffix.lower() not in Image.registered_extensions():
+        raise InferError(f"--out {out}: name an image file to write (.png, .jpg, ...)")
+    if steps < 1:
+        raise InferError(f"--steps must be >= 1, got {steps}")
+    for name, value in (("--guidance", guidance), ("--scale", scale)):
+        if not math.isfinite(value):
+            raise InferError(f"{name} must be a finite number, got {value}")
+    if size is not None and (size < 16 or size % 16):
+        raise InferError(f"--size must be a positive multiple of 16, got {size}")
+
+
+def _check_lora_file(path: Path) -> None:
+    """`--lora` must be a LoRA file that one of our readers takes (a FormatError naming it otherwise): diffusers
+    would fail on a damaged or foreign file with a traceback."""
+    from kontext_lora.export.formats import read_adapter
+
+    read_adapter(path)

@@ -8,6 +8,9 @@ no room for our own metadata; the keys and the `lora_adapter_metadata` entry are
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kontext_lora.atomic import atomic_path
+from kontext_lora.atomic import atomic_path, umask_mode
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
@@ -24,11 +27,39 @@ PREFIX = "transformer."
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
-    """Write a safetensors file via a temp file in the same folder and an atomic rename."""
+    """Write a safetensors file via a temp file in the same folder and an atomic rename (see `save_safetensors`)."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        save_safetensors(tensors, tmp, metadata)
     return path
+
+
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    """safetensors' `save_file`, then its JSON header rewritten with sorted keys: equal tensors and metadata give
+    equal bytes. (safetensors keeps the metadata in a hash map, whose order changes from one process to the next.)
+    The file gets the mode of the user's umask (safetensors creates it 0600)."""
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    os.chmod(path, umask_mode())
+    with open(path, "r+b") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= length:  # the same keys and values reordered: as long as before, or a little shorter
+            handle.seek(8)
+            handle.write(text + b" " * (length - len(text)))  # spaces pad the header, as safetensors itself pads it
+            return
+    # Longer (another JSON escaping of some value): a new header padded to 8 bytes, and the data copied after it.
+    text += b" " * (-len(text) % 8)
+    moved = Path(f"{path}.unsorted")
+    Path(path).rename(moved)
+    with open(moved, "rb") as source, open(path, "wb") as target:
+        source.seek(8 + length)
+        target.write(struct.pack("<Q", len(text)) + text)
+        shutil.copyfileobj(source, target, 2**24)
+    moved.unlink()
+    os.chmod(path, umask_mode())
 
 
 def save_diffusers_lora(

@@ -580,6 +580,8 @@ def _bfl_state(loras: dict[str, BflLora], key_of) -> dict[str, torch.Tensor]:
 
 def write_format(adapter: Adapter, fmt: str, path: str | Path) -> Path:
     """Write the adapter in `fmt` (one of EXPORT_FORMATS) to the safetensors file `path`, atomically."""
+    if Path(path).is_dir():
+        raise FormatError(f"--out {path} is a folder; name the .safetensors file to write")
     return _prepare(adapter, fmt)(Path(path))
 
 
@@ -618,6 +620,8 @@ def write_exports(
     from kontext_lora.export.card import write_model_card
 
     lora_path, out_dir = Path(lora_path), Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FormatError(f"--out {out_dir} is a file; the exports go into a folder: name a folder")
     unknown = [fmt for fmt in formats if fmt not in EXPORT_FORMATS]
     if unknown:
         raise FormatError(f"unknown format {unknown[0]!r}; choose from {', '.join(EXPORT_FORMATS)} or all")

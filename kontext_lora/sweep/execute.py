@@ -53,8 +53,8 @@ class PreparedRun:
 
 def prepare_runs(sweep: Sweep, base_config: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> list:
     """Resolve every run's config: base file, then the sweep's `fixed`, then `overrides`, then the run's own values,
-    then output.dir = <sweep dir>/<run name>; unless the config sets them, the wandb group is the sweep's name and
-    every run shares one cache, <sweep dir>/cache.
+    then output.dir = <sweep dir>/<run name> with output.overwrite; unless the config sets them, the wandb group is
+    the sweep's name and every run shares one cache, <sweep dir>/cache.
 
     A run whose config is rejected comes back with `error` set, to be recorded as failed. When every run is rejected
     and the base config with the common overrides is rejected too, that one error is raised instead.
@@ -63,7 +63,8 @@ def prepare_runs(sweep: Sweep, base_config: str | Path | None, overrides: list[s
     prepared = []
     for run in sweep.runs:
         run_dir = sweep.dir / run.name
-        own = [*common, *run.dotlist(), f"output.dir={run_dir}"]
+        # A run that is trained again (failed, killed, or its config changed) starts over in its own folder.
+        own = [*common, *run.dotlist(), f"output.dir={run_dir}", "output.overwrite=true"]
         try:
             config = load_config(base_config, own)
             shared = []

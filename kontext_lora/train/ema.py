@@ -15,8 +15,9 @@ import torch
 from diffusers.training_utils import EMAModel
 
 from kontext_lora.config import EmaConfig
+from kontext_lora.train.checkpoint import EMA_WEIGHT_NAME
 
-EMA_WEIGHT_NAME = "pytorch_lora_weights_ema.safetensors"
+__all__ = ["EMA_WEIGHT_NAME", "AdapterEMA"]
 
 
 class AdapterEMA:

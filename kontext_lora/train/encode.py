@@ -18,10 +18,19 @@ from kontext_lora.data.buckets import render, render_mask
 from kontext_lora.data.cache import DiskCache, folder_identity
 from kontext_lora.data.plan import CachedDataset, CacheEntries, ImageJob, PlannedSample, cache_entries
 from kontext_lora.data.triples import DataError, TripleDataset, collate_triples, load_image
-from kontext_lora.model.load import DTYPES, encode_captions, encode_images, load_pipeline, quiet_component_loading
+from kontext_lora.model.load import (
+    DTYPES,
+    PIPELINE_PARTS,
+    check_model_folder,
+    encode_captions,
+    encode_images,
+    load_pipeline,
+    quiet_component_loading,
+)
 from kontext_lora.progress import progress_bar
 from kontext_lora.train.objective import LatentBatch
 
+DIGEST_INDEX = "file_digests.json"  # in the cache folder: the model files' sha256 by path, size and mtime
 VAE_PARTS = ("vae",)
 TEXT_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
@@ -87,10 +96,10 @@ def encode_dataset(
 
 def model_identities(cfg: Config) -> tuple[str, str]:
     """(VAE identity, text-encoders identity) from the model files and dtype: part of every cache key."""
-    folder = Path(cfg.model.pretrained)
+    folder, index = Path(cfg.model.pretrained), cache_folder(cfg) / DIGEST_INDEX
     return (
-        f"{folder_identity(folder, VAE_PARTS)}-{cfg.model.dtype}",
-        f"{folder_identity(folder, TEXT_PARTS)}-{cfg.model.dtype}",
+        f"{folder_identity(folder, VAE_PARTS, index)}-{cfg.model.dtype}",
+        f"{folder_identity(folder, TEXT_PARTS, index)}-{cfg.model.dtype}",
     )
 
 
@@ -147,13 +156,14 @@ def fill_cache(
         return 0
     progress = progress_bar(total=total, desc="caching", unit="entry", show=show_progress)
     with cache.writer(f"p{process_index}") as writer:
-        for start in range(0, len(text_items), batch_size):
-            chunk = text_items[start : start + batch_size]
-            prompt_embeds, pooled_embeds = encode_captions(pipe, [c for _, c in chunk], max_sequence_length)
-            for (key, _), t5, clip in zip(chunk, prompt_embeds, pooled_embeds, strict=True):
-                writer.add(f"{key}.t5", t5)  # (L, 4096)
-                writer.add(f"{key}.clip", clip)  # (768,)
-            progress.update(len(chunk))
+        # One caption / image per encoder call: a batched convolution or matmul rounds differently from a single
+        # one, so an entry's value would depend on which other entries happened to be missing with it. Encoded
+        # alone, an entry recomputed after damage equals the one an uninterrupted run wrote, bit for bit.
+        for key, caption in text_items:
+            prompt_embeds, pooled_embeds = encode_captions(pipe, [caption], max_sequence_length)
+            writer.add(f"{key}.t5", prompt_embeds[0])  # (L, 4096)
+            writer.add(f"{key}.clip", pooled_embeds[0])  # (768,)
+            progress.update(1)
         groups: dict[tuple, list[ImageJob]] = defaultdict(list)
         for job in images:
             groups[(job.bucket, job.is_mask)].append(job)
@@ -163,7 +173,8 @@ def fill_cache(
             for pixels in loader:
                 batch_jobs = jobs[done : done + len(pixels)]
                 done += len(pixels)
-                tensors = pixels if is_mask else encode_images(pipe.vae, pixels)  # (B, 16, H/8, W/8)
+                # (B, 16, H/8, W/8), each image encoded alone (see above)
+                tensors = pixels if is_mask else torch.cat([encode_images(pipe.vae, p[None]) for p in pixels])
                 for job, tensor in zip(batch_jobs, tensors, strict=True):
                     writer.add(job.name, tensor.to(pipe.vae.dtype) if not is_mask else tensor)
                 progress.update(len(pixels))
@@ -178,6 +189,7 @@ def load_encoders(cfg: Config):
     folder = Path(cfg.model.pretrained)
     if not (folder / "model_index.json").is_file():
         return load_pipeline(cfg.model)  # builds the tiny model if asked, or raises the ModelError naming the folder
+    check_model_folder(folder, [part for part in PIPELINE_PARTS if part != "transformer"])
     quiet_component_loading()
     pipe = FluxKontextPipeline.from_pretrained(str(folder), transformer=None, dtype=DTYPES[cfg.model.dtype])
     pipe.set_progress_bar_config(disable=True)
@@ -207,20 +219,25 @@ def release_encoders(pipe, keep_vae: bool = False) -> None:
 
 def cached_dataset(cfg: Config, plan: list[PlannedSample], pipe, state=None, show_progress: bool = True):
     """Fill the disk cache for `plan` (split across the processes of `state`) and return the CachedDataset."""
-    entries = plan_entries(cfg, plan)
     cache = DiskCache(cache_folder(cfg))
     index, count = (state.process_index, state.num_processes) if state is not None else (0, 1)
-    todo = entries.missing(cache)
-    missing = sum(len(part) for part in todo)
-    if state is not None:
-        state.wait_for_everyone()  # every process has listed the same missing entries before any is written
-    fill_cache(
-        pipe, entries, cache, cfg.model.max_sequence_length, batch_size=max(1, cfg.train.batch_size),
-        num_workers=cfg.data.num_workers, process_index=index, num_processes=count, show_progress=show_progress,
-        missing=todo,
-    )  # fmt: skip
-    if state is not None:
-        state.wait_for_everyone()
+    with cache.writing(enabled=index == 0):  # another run filling this cache is waited for
+        if state is not None:
+            state.wait_for_everyone()
+        entries = plan_entries(cfg, plan)
+        cache.refresh()
+        cache.verify([*entries.images, *(f"{key}.{kind}" for key in entries.texts for kind in ("t5", "clip"))])
+        todo = entries.missing(cache)
+        missing = sum(len(part) for part in todo)
+        if state is not None:
+            state.wait_for_everyone()  # every process has listed the same missing entries before any is written
+        fill_cache(
+            pipe, entries, cache, cfg.model.max_sequence_length, batch_size=max(1, cfg.train.batch_size),
+            num_workers=cfg.data.num_workers, process_index=index, num_processes=count, show_progress=show_progress,
+            missing=todo,
+        )  # fmt: skip
+        if state is not None:
+            state.wait_for_everyone()
     cache.refresh()
     images, texts = entries.missing(cache)
     if images or texts:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from accelerate.utils import DistributedType, set_seed
 from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader, Dataset
 
+from kontext_lora.atomic import atomic_path
 from kontext_lora.config import Config, to_dict, to_yaml
 from kontext_lora.data.buckets import BucketBatchSampler, ShardedBatches, bucket_table
 from kontext_lora.data.plan import bucket_keys_of, build_plan
@@ -22,7 +24,7 @@ from kontext_lora.data.triples import DataError
 from kontext_lora.export.card import comfyui_note
 from kontext_lora.export.diffusers_format import WEIGHT_NAME, read_lora_file, save_diffusers_lora
 from kontext_lora.export.formats import export_file_names, read_adapter, write_exports
-from kontext_lora.model.load import load_transformer
+from kontext_lora.model.load import load_transformer, prepare_model_folder
 from kontext_lora.model.lora import adapter_state, inject_lora, load_adapter_state, lora_parameters
 from kontext_lora.model.quant import quantization_report
 from kontext_lora.model.speed import apply_memory_and_speed
@@ -126,12 +128,21 @@ def train(cfg: Config) -> Path:
     # memory.budget_gib: the planner's knobs for the buckets in use, recorded in the run's config.yaml below.
     cfg = apply_budget(cfg, accelerator.print, bucket_keys=[sample.bucket_key for sample in plan])
     out_dir = Path(cfg.output.dir)
-    _resume_folder(cfg, out_dir)  # a bad train.resume fails now, not after the model has loaded
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(to_yaml(cfg))
-        write_contact_sheet(report, out_dir / "preflight.jpg", cfg.data.preflight_samples)
+    with _run_lock(out_dir, enabled=main):  # held until the run ends: one run reads and writes a folder at a time
+        _resume_folder(cfg, out_dir)  # a bad train.resume fails now, not after the model has loaded
+        if main:  # a missing or damaged model file too, before anything is written in the run folder
+            prepare_model_folder(cfg.model)
+        accelerator.wait_for_everyone()
+        if main:
+            _claim(cfg, out_dir)
+            (out_dir / "config.yaml").write_text(to_yaml(cfg))
+            write_contact_sheet(report, out_dir / "preflight.jpg", cfg.data.preflight_samples)
+        return _load_and_fit(cfg, plan, items, accelerator)
 
+
+def _load_and_fit(cfg: Config, plan: list, items: list | None, accelerator: Accelerator) -> Path:
+    """Fill the cache, load the transformer and train (train()'s second half, inside the run folder's lock)."""
+    main = accelerator.is_main_process
     # Model: fill the disk cache with the encoders alone (memory.text_encoder places them), release them, and only
     # then load the transformer: T5 (9.5 GiB) and the transformer (22.4 GiB in bf16) are never on the device together.
     job = JobLog(out_dir / JOB_NAME, accelerator.device, write=main)
@@ -186,7 +197,15 @@ def fit(
     this is (`pipeline`: its VAE, scheduler and text encoders build one on validation.examples / heldout_path).
     """
     accelerator = accelerator or _accelerator(cfg)
+    with _run_lock(Path(cfg.output.dir), enabled=accelerator.is_main_process):
+        return _fit(cfg, transformer, encoded, accelerator, pipeline, validator)
+
+
+def _fit(cfg: Config, transformer: torch.nn.Module, encoded: Dataset, accelerator: Accelerator, pipeline,
+         validator) -> Path:  # fmt: skip
     out_dir = Path(cfg.output.dir)
+    if accelerator.is_main_process:  # done by train() already; fit() may be called on its own (before the trackers)
+        _claim(cfg, out_dir)
     # The adapter's initial weights depend on train.seed alone, not on how many random numbers loading and
     # caching drew before (which differs between a cold and a warm cache, and between processes).
     set_seed(cfg.train.seed)
@@ -257,7 +276,9 @@ def fit(
                         param.grad = None
                     if not guard.exhausted:
                         continue
-                    path = save(step, out_dir / f"step-{step:06d}")
+                    folder = checkpoint.step_dir(out_dir, step)
+                    # A complete checkpoint of this step already holds this adapter: it is never written over.
+                    path = folder / WEIGHT_NAME if checkpoint.is_complete(folder) else save(step, folder)
                     raise TrainingError(
                         f"loss is {loss.item()} at step {step + 1}, {guard.in_a_row} non-finite in a row (try a lower "
                         f"train.lr or mixed_precision=no); the adapter of step {step} was saved to {path}"
@@ -286,8 +307,8 @@ def fit(
                 _append_metrics(out_dir, {"step": step, **logs, "peak_gib": _peak_gib(accelerator.device)})
             if validator is not None and step % cfg.validation.every == 0 and step < cfg.train.steps:
                 _validate(validator, transformer, step, save, ema, job, accelerator, final=False)
-            if cfg.output.save_every and step % cfg.output.save_every == 0 and step < cfg.train.steps:
-                with job.phase("save"):
+            if cfg.output.save_every and (step % cfg.output.save_every == 0 or step == cfg.train.steps):
+                with job.phase("save"):  # the last step's too: a resume of a finished run is a no-op
                     state.save(step, out_dir, save, cfg.output.keep_last)
             tick = time.perf_counter()  # s_per_step times the step itself: not the validation or the save after it
         progress.close()
@@ -349,7 +370,7 @@ def _deepspeed_batch_size(accelerator: Accelerator, cfg: Config) -> None:
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
 
 
-METRICS_NAME = "metrics.jsonl"
+METRICS_NAME = checkpoint.METRICS_NAME
 
 
 def _append_metrics(out_dir: Path, record: dict) -> None:
@@ -370,18 +391,14 @@ def _truncate_metrics(out_dir: Path, step: int) -> None:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):  # a line torn by the kill that stopped the previous run
             continue
-    tmp = path.with_name(f".{METRICS_NAME}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def _start_or_resume(cfg: Config, out_dir: Path, state: _TrainingState) -> int:
     """Start fresh (a new metrics log) or restore the checkpoint train.resume names; returns the step to go on from."""
     accelerator = state.accelerator
     resume_from = _resume_folder(cfg, out_dir)
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.clean_stale(out_dir)
     if resume_from is None:
         if accelerator.is_main_process:
             (out_dir / METRICS_NAME).unlink(missing_ok=True)
@@ -391,6 +408,27 @@ def _start_or_resume(cfg: Config, out_dir: Path, state: _TrainingState) -> int:
     if accelerator.is_main_process:  # the log continues; records of steps past the checkpoint are written again
         _truncate_metrics(out_dir, step)
     return step
+
+
+@contextmanager
+def _run_lock(out_dir: Path, enabled: bool) -> Iterator[None]:
+    """checkpoint.run_lock, its refusal as a TrainingError (one line at the command line)."""
+    lock = checkpoint.run_lock(out_dir, enabled)
+    try:
+        lock.__enter__()
+    except checkpoint.RunFolderError as exc:
+        raise TrainingError(str(exc)) from None
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _claim(cfg: Config, out_dir: Path) -> None:
+    try:
+        checkpoint.claim_run_folder(out_dir, cfg.train.resume, cfg.output.overwrite)
+    except checkpoint.RunFolderError as exc:
+        raise TrainingError(str(exc)) from None
 
 
 def _resume_folder(cfg: Config, out_dir: Path) -> Path | None:

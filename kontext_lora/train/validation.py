@@ -38,11 +38,9 @@ from kontext_lora.data.triples import DataError, Triple, discover_triples, image
 from kontext_lora.model.load import encode_captions, encode_images
 from kontext_lora.progress import progress_bar
 from kontext_lora.train import checkpoint
+from kontext_lora.train.checkpoint import BEST_DIR, BEST_JSON, VALIDATION_DIR
 from kontext_lora.train.objective import LatentBatch, flow_matching_loss
 
-VALIDATION_DIR = "validation"
-BEST_DIR = "best"
-BEST_JSON = "best.json"
 EDIT_THRESHOLD = 0.05  # |target - control| (mean over RGB, pixels in [0, 1]) above which a pixel counts as edited
 _MAXIMISED = {"edit_psnr"}
 

@@ -160,8 +160,8 @@ def test_sigkilled_and_resumed_run_matches_an_uninterrupted_one(tiny_model_dir: 
     records, expected = _records(killed_run), _records(reference_run)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in records] == [r["loss"] for r in expected]
-    # keep_last=2 and no temp folders left behind.
-    assert [p.name for p in checkpoint.complete_checkpoints(killed_run)] == ["step-000004", "step-000006"]
+    # keep_last=2 (the last step is checkpointed too) and no temp folders left behind.
+    assert [p.name for p in checkpoint.complete_checkpoints(killed_run)] == ["step-000006", "step-000008"]
     assert not [p for p in killed_run.iterdir() if p.name.startswith(".")]
 
 

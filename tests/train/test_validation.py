@@ -150,7 +150,7 @@ def test_heldout_split_is_seeded_and_disjoint() -> None:
         (["validation.every=5", "validation.examples=[{control: a.png, prompt: p}]"], "`validation.best_metric`"),
         (["validation.use_ema=true"], "`validation.use_ema`: needs ema.enabled=true"),
         (["validation.best_metric=psnr"], "did you mean `edit_psnr`"),
-        (["validation.sigmas=[0.0]"], "`validation.sigmas`"),
+        (["validation.sigmas=[0.0]"], "`validation.sigmas[0]`"),
         (["ema.decay=1.5"], "`ema.decay`"),
         (["output.keep_last=-1"], "`output.keep_last`"),
     ],
