@@ -143,6 +143,7 @@ def train(cfg: Config) -> Path:
 def _load_and_fit(cfg: Config, plan: list, items: list | None, accelerator: Accelerator) -> Path:
     """Fill the cache, load the transformer and train (train()'s second half, inside the run folder's lock)."""
     main = accelerator.is_main_process
+    out_dir = Path(cfg.output.dir)
     # Model: fill the disk cache with the encoders alone (memory.text_encoder places them), release them, and only
     # then load the transformer: T5 (9.5 GiB) and the transformer (22.4 GiB in bf16) are never on the device together.
     job = JobLog(out_dir / JOB_NAME, accelerator.device, write=main)
@@ -198,11 +199,11 @@ def fit(
     """
     accelerator = accelerator or _accelerator(cfg)
     with _run_lock(Path(cfg.output.dir), enabled=accelerator.is_main_process):
-        return _fit(cfg, transformer, encoded, accelerator, pipeline, validator)
+        return _fit(cfg, transformer, encoded, accelerator, pipeline, validator, job)
 
 
 def _fit(cfg: Config, transformer: torch.nn.Module, encoded: Dataset, accelerator: Accelerator, pipeline,
-         validator) -> Path:  # fmt: skip
+         validator, job: JobLog | None) -> Path:  # fmt: skip
     out_dir = Path(cfg.output.dir)
     if accelerator.is_main_process:  # done by train() already; fit() may be called on its own (before the trackers)
         _claim(cfg, out_dir)
