@@ -90,7 +90,7 @@ VARIANTS: dict[str, list[str]] = {
         "speed.activation_budget=0.5",
         "speed.fp8_base=true",
     ],  # fmt: skip
-    # The frozen base STORED in fp8 (memory.base_quant, issue 5: weights 11 GiB instead of 22), activation budget 0.5
+    # The frozen base STORED in fp8 (memory.base_quant: weights 11 GiB instead of 22), activation budget 0.5
     # or no checkpointing: the dequantization costs time, the freed memory lets budget 0.5 fit under 40 GiB.
     "ours-fp8store-budget": [
         *COMPILED_NO_CKPT,

@@ -1,4 +1,4 @@
-"""The trainer learns an edit that needs the control image (issue 2's learning test).
+"""The trainer learns an edit that needs the control image.
 
 Task: the target latent is the negated control latent (an "invert" edit in latent space), for smooth random colour
 images encoded by the tiny model's real VAE. Without the control a model can only denoise, so both the 30% drop
