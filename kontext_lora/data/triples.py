@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
+from kontext_lora.errors import UserError
+
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 CAPTION_EXTENSION = ".txt"
 METADATA_FILENAME = "metadata.jsonl"
@@ -38,7 +40,7 @@ TARGET_DIRNAME = "target"
 _EXTENSIONS_HINT = "/".join(sorted(ext.lstrip(".") for ext in IMAGE_EXTENSIONS))
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data a user can fix; the message is one line naming the offending file and the fix."""
 
     def __init__(self, message: str) -> None:
