@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
-from kontext_lora.errors import UserError
+from kontext_lora.data.errors import DataError
+from kontext_lora.data.hf import RowImage
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 CAPTION_EXTENSION = ".txt"
@@ -38,31 +39,6 @@ CONTROL_DIRNAME = "control"
 TARGET_DIRNAME = "target"
 
 _EXTENSIONS_HINT = "/".join(sorted(ext.lstrip(".") for ext in IMAGE_EXTENSIONS))
-
-
-class DataError(UserError, ValueError):
-    """Bad input data a user can fix; the message is one line naming the offending file and the fix."""
-
-    def __init__(self, message: str) -> None:
-        # Messages embed paths and decoder reasons that may contain newlines; the contract is one line.
-        super().__init__(" ".join(str(message).split()))
-
-
-@dataclass(frozen=True)
-class RowImage:
-    """An image stored inside a Hugging Face dataset (encoded bytes in a column of one row)."""
-
-    location: str  # the dataset as `sources.open_hf_dataset` re-opens it: "<path>::<split>"
-    row: int
-    column: str
-
-    def __str__(self) -> str:
-        return f"{self.location.split('::')[0]} row {self.row} column '{self.column}'"
-
-    def read_bytes(self) -> bytes:
-        from kontext_lora.data.sources import row_image_bytes  # sources imports this module
-
-        return row_image_bytes(self)
 
 
 ImageRef = Path | RowImage
