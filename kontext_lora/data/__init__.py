@@ -9,8 +9,6 @@ content), plan.py (buckets + cache names per triple, the cached dataset).
 from kontext_lora.data.triples import (
     DataError,
     Triple,
-    TripleDataset,
-    collate_triples,
     discover_triples,
     image_to_tensor,
     load_image,
@@ -19,8 +17,6 @@ from kontext_lora.data.triples import (
 __all__ = [
     "DataError",
     "Triple",
-    "TripleDataset",
-    "collate_triples",
     "discover_triples",
     "image_to_tensor",
     "load_image",

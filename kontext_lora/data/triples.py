@@ -1,4 +1,4 @@
-"""(control image, target image, caption) triples: discovery on disk, image decoding, and a torch Dataset.
+"""(control image, target image, caption) triples: discovery on disk and image decoding.
 
 Three layouts are understood here (see `discover_triples`; Hugging Face datasets are in `sources.py`):
 
@@ -450,47 +450,3 @@ def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
     )
     pixels = torch.from_numpy(np.array(square, dtype=np.float32))  # (size, size, 3) in [0, 255]
     return (pixels / 127.5 - 1.0).permute(2, 0, 1).contiguous()  # (3, size, size) in [-1, 1]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Dataset
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class TripleDataset(torch.utils.data.Dataset):
-    """Square crops of (control, target) pairs with their captions."""
-
-    def __init__(self, triples: list[Triple], resolution: int) -> None:
-        if resolution <= 0:
-            raise ValueError(f"resolution must be a positive number of pixels, got {resolution}")
-        self.triples = list(triples)
-        self.resolution = resolution
-
-    def __len__(self) -> int:
-        return len(self.triples)
-
-    def __getitem__(self, index: int) -> dict:
-        """Return {"control": (3, R, R), "target": (3, R, R) float32 in [-1, 1], "caption": str, "stem": str}."""
-        triple = self.triples[index]
-        return {
-            "control": image_to_tensor(load_image(triple.control), self.resolution),
-            "target": image_to_tensor(load_image(triple.target), self.resolution),
-            "caption": triple.caption,
-            "stem": triple.stem,
-        }
-
-    def verify(self) -> None:
-        """Decode every image once so an unreadable file raises DataError before training starts."""
-        for triple in self.triples:
-            load_image(triple.control)
-            load_image(triple.target)
-
-
-def collate_triples(items: list[dict]) -> dict:
-    """Batch dataset items: control/target (B, 3, R, R); caption/stem as lists of B strings."""
-    return {
-        "control": torch.stack([item["control"] for item in items]),  # (B, 3, R, R)
-        "target": torch.stack([item["target"] for item in items]),  # (B, 3, R, R)
-        "caption": [item["caption"] for item in items],
-        "stem": [item["stem"] for item in items],
-    }

@@ -13,11 +13,11 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from kontext_lora.config import EmaConfig, load_config
-from kontext_lora.data.triples import TripleDataset, discover_triples
+from kontext_lora.data.triples import discover_triples
 from kontext_lora.model.load import load_pipeline
 from kontext_lora.train.ema import EMA_WEIGHT_NAME, AdapterEMA
-from kontext_lora.train.encode import encode_dataset
 from kontext_lora.train.loop import fit
+from tests.square_crops import TripleDataset, encode_dataset
 from tests.tiny_config import tiny_model_overrides
 
 from ..conftest import EXAMPLES

@@ -14,10 +14,10 @@ from PIL import Image
 from safetensors import safe_open
 
 from kontext_lora.config import load_config
-from kontext_lora.data.triples import TripleDataset, discover_triples
+from kontext_lora.data.triples import discover_triples
 from kontext_lora.model.load import load_pipeline
-from kontext_lora.train.encode import encode_dataset
 from kontext_lora.train.loop import fit, train
+from tests.square_crops import TripleDataset, encode_dataset
 from tests.tiny_config import tiny_model_overrides
 
 from ..conftest import EXAMPLES

@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 
 from kontext_lora.config import load_config
-from kontext_lora.data.triples import TripleDataset, discover_triples
+from kontext_lora.data.triples import discover_triples
 from kontext_lora.model.load import load_pipeline
-from kontext_lora.train.encode import collate_encoded, encode_dataset
+from kontext_lora.train.encode import collate_encoded
 from kontext_lora.train.loop import fit
 from kontext_lora.train.objective import LatentBatch
+from tests.square_crops import TripleDataset, encode_dataset
 from tests.tiny_config import tiny_model_overrides
 
 from .tiny_task import heldout_mse, negated, write_images

@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from kontext_lora.config import load_config
-from kontext_lora.data.triples import TripleDataset, discover_triples
+from kontext_lora.data.triples import discover_triples
 from kontext_lora.model.load import load_pipeline
-from kontext_lora.train.encode import encode_dataset
 from kontext_lora.train.loop import _accelerator, fit
 from kontext_lora.train.validation import Validator, split_heldout, validation_items
+from tests.square_crops import TripleDataset, encode_dataset
 from tests.tiny_config import tiny_model_overrides
 
 from ..conftest import EXAMPLES

@@ -15,9 +15,10 @@ import torch
 from PIL import Image
 
 from kontext_lora.config import Config, load_config
-from kontext_lora.data.triples import TripleDataset, discover_triples
-from kontext_lora.train.encode import EncodedDataset, collate_encoded, encode_dataset
+from kontext_lora.data.triples import discover_triples
+from kontext_lora.train.encode import EncodedDataset, collate_encoded
 from kontext_lora.train.objective import LatentBatch, flow_matching_loss
+from tests.square_crops import TripleDataset, encode_dataset
 from tests.tiny_config import tiny_model_overrides
 
 RESOLUTION = 32
