@@ -6,26 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kontext_lora.config import ConfigError
-
-# Exception types that are the user's to fix: printed as one line, exit code 2, no traceback.
-_USER_ERRORS = {
-    "kontext_lora.data.triples": "DataError",
-    "kontext_lora.model.load": "ModelError",
-    "kontext_lora.train.loop": "TrainingError",
-    "kontext_lora.train.job": "JobOutOfMemory",
-    "kontext_lora.export.formats": "FormatError",
-    "kontext_lora.infer": "InferError",
-}
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """ConfigError plus the user-error types of the modules imported so far (only those can have raised).
-
-    Importing them here would cost a config typo seconds of torch/diffusers imports before its one-line error.
-    """
-    found = [getattr(sys.modules[module], name) for module, name in _USER_ERRORS.items() if module in sys.modules]
-    return (ConfigError, *found)
+# The base of the errors that are the user's to fix (printed as one line, exit code 2, no traceback). It imports
+# nothing, so a config typo fails at once, before torch or diffusers is imported.
+from kontext_lora.errors import UserError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -101,7 +84,7 @@ def _cache(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from kontext_lora.config import load_config
+    from kontext_lora.config import ConfigError, load_config
 
     cfg = load_config(args.config, args.overrides)
     from kontext_lora.planner import (
@@ -309,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except _user_errors() as exc:
+    except UserError as exc:  # every package's user errors derive from it (kontext_lora/errors.py)
         print(f"kontext-lora: error: {exc}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:

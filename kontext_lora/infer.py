@@ -10,6 +10,7 @@ from PIL import Image
 
 from kontext_lora.config import ModelConfig
 from kontext_lora.data.triples import load_image
+from kontext_lora.errors import UserError
 from kontext_lora.model.device import device_limit_bytes
 from kontext_lora.model.load import ModelError, load_pipeline
 
@@ -108,7 +109,7 @@ def _check_inputs(model: Path, lora: Path | None) -> None:
         raise ModelError(f"--lora {lora}: no such file; give a LoRA .safetensors file (or a folder with one)")
 
 
-class InferError(ValueError):
+class InferError(UserError, ValueError):
     """An `infer` argument that cannot work; the message names it."""
 
 

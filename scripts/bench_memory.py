@@ -1,7 +1,7 @@
 """Peak memory, s/step and loss deviation of the low-memory modes under an emulated budget, against the planner.
 
 Each configuration runs in its own process (an OOM or a crash is a row of the table, not the end of the run):
-1. builds the full-size random FLUX.1-Kontext transformer in bf16 on the GPU (scripts/bench_step.py's
+1. builds the full-size random FLUX.1-Kontext transformer in bf16 on the GPU (scripts/_bench_common.py's
    `build_transformer`: the whole bf16 model is on the device while it is built, BEFORE the budget is set);
 2. takes the project's path as fit() does: seeded `inject_lora` -> `quantize_base` (memory.base_quant) ->
    `enable_block_swap` (memory.block_swap) -> `apply_speed` -> accelerate -> `training_step`;
@@ -32,9 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_step import build_transformer, last_lines, make_batch, randomize_lora_b, run_for_result  # noqa: E402
+from _bench_common import build_transformer, last_lines, make_batch, randomize_lora_b, run_for_result
 
 GIB = 2**30
 EAGER_CKPT = ["speed.compile=none", "train.gradient_checkpointing=true"]

@@ -1,7 +1,7 @@
 """Multi-GPU training speed and memory of a full-size Kontext LoRA: 1 GPU against DDP and FSDP2 on N GPUs.
 
 Each configuration runs in its own launch (a child process per GPU, with a timeout): the full-size random Kontext
-transformer (scripts/bench_step.py's `build_transformer`, bf16, built on each GPU), the project's LoRA, `apply_speed`
+transformer (scripts/_bench_common.py's `build_transformer`, bf16, built on each GPU), the project's LoRA, `apply_speed`
 and `training_step` under `accelerator.prepare` with bf16 mixed precision — the path `fit()` runs — batch 1 per
 GPU, eager (no compile), cuDNN attention. The multi-GPU launches use the repository's own accelerate config files
 (configs/accelerate/ddp_2gpu.yaml, fsdp2_2gpu.yaml) with --num_processes N. NVLink multicast is switched off in
@@ -36,14 +36,13 @@ OVERRIDES = ["speed.attention_backend=cudnn", "speed.compile=none"]
 
 def run_child(args: argparse.Namespace) -> None:
     """One process of one configuration: build, prepare, time; the main process prints one `RESULT {json}` line."""
+    from _bench_common import bench_config, build_transformer, make_batch, randomize_lora_b
     from accelerate import Accelerator
 
-    sys.path.insert(0, str(REPO))
     from kontext_lora.model.lora import inject_lora, lora_parameters
     from kontext_lora.model.speed import apply_speed
     from kontext_lora.train.loop import _deepspeed_batch_size, micro_batch_seed, training_step
     from kontext_lora.train.optim import build_optimizer
-    from scripts.bench_step import bench_config, build_transformer, make_batch, randomize_lora_b
 
     overrides = OVERRIDES if not args.tiny else ["speed.attention_backend=auto", "speed.compile=none"]
     cfg = bench_config(overrides)
@@ -148,9 +147,9 @@ def main() -> None:
         return run_child(args)
     args.timeout = args.timeout or (400 if args.tiny else 150)
 
-    from bench_step import last_lines, run_for_result
+    from _bench_common import last_lines, run_for_result
 
-    env = {**os.environ, **NO_MULTICAST, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, **NO_MULTICAST}
     if args.tiny:
         env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     card = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny else "cpu"

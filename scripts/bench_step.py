@@ -13,7 +13,7 @@ Every variant starts from the same LoRA (lora_B drawn at random so lora_A gets g
 the first step's loss and LoRA gradients are saved, and the table gives their relative error against `ours-eager`
 (the eager bf16 path). Usage:
 
-    python scripts/bench_step.py --res 1024 512 --variants reference ours-eager ours-fast
+    python scripts/bench_step.py --res 1024 512 --variants reference ours-eager ours-budget
     python scripts/bench_step.py --tiny --res 64            # a CPU smoke run on the tiny model's shapes
     python scripts/bench_step.py --res 1024 --variants ours-fp8mm-keepattn45-cg --trace traces   # + where the GPU waits
 """
@@ -23,21 +23,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _bench_common import (
+    FULL,
+    RANK,
+    TEXT_TOKENS,
+    build_transformer,
+    last_lines,
+    make_batch,
+    ours_step_fn,
+    randomize_lora_b,
+    run_for_result,
+)
 
-FULL = dict(
-    in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
-    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
-)  # fmt: skip
-TEXT_TOKENS = 512
-RANK = 16
 # The diffusers example's default `--lora_layers` (14 module kinds; a suffix match, so it also adapts the final
 # proj_out); ours is the `attention_mlp` preset: the same 13 kinds inside the blocks.
 REFERENCE_TARGETS = [
@@ -45,8 +48,14 @@ REFERENCE_TARGETS = [
     "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out",
 ]  # fmt: skip
 
-# speed.* / train.* overrides of each of our variants; each option alone, then together.
+# speed.* / memory.* / train.* overrides of each of our variants (docs/performance.md measures each): every block
+# checkpointed unless a variant says otherwise (bench_config).
 COMPILED_NO_CKPT = ["speed.attention_backend=cudnn", "speed.compile=blocks", "train.gradient_checkpointing=false"]
+FP8_STORED = "memory.base_quant=fp8"  # the frozen base stored in e4m3: 11 GiB of weights instead of 22
+FP8_MATMULS = [FP8_STORED, "speed.fp8_base=true"]  # ... and multiplied in fp8 (torch._scaled_mm on the stored weights)
+CUDA_GRAPHS = "speed.cuda_graphs=true"
+FAST_ACCUM, FUSE_LORA = "speed.fp8_fast_accum_backward=true", "speed.fuse_lora_inputs=true"
+TUNE = "speed.tune_kernels=true"
 
 
 def keep_attention(budget: float) -> list[str]:
@@ -55,88 +64,33 @@ def keep_attention(budget: float) -> list[str]:
 
 
 KEEP_ATTENTION_45 = keep_attention(0.45)  # under 40 GiB at 1024^2
-FAST_ACCUM, FUSE_LORA = "speed.fp8_fast_accum_backward=true", "speed.fuse_lora_inputs=true"
-TUNE = "speed.tune_kernels=true"
 VARIANTS: dict[str, list[str]] = {
+    # bf16: each option alone, then together
     "ours-eager": ["speed.attention_backend=flash", "speed.compile=none"],
     "ours-cudnn": ["speed.attention_backend=cudnn", "speed.compile=none"],
     "ours-compile": ["speed.attention_backend=flash", "speed.compile=blocks"],
     "ours-compile-cudnn": ["speed.attention_backend=cudnn", "speed.compile=blocks"],
     "ours-ckpt50": ["speed.attention_backend=cudnn", "speed.compile=blocks", "speed.checkpoint_fraction=0.5"],
-    "ours-ckpt25": ["speed.attention_backend=cudnn", "speed.compile=blocks", "speed.checkpoint_fraction=0.25"],
-    "ours-budget": [
-        *COMPILED_NO_CKPT,
-        "speed.activation_budget=0.5",
-    ],  # fmt: skip
     "ours-nockpt": COMPILED_NO_CKPT,
-    "ours-fp8": ["speed.attention_backend=cudnn", "speed.compile=blocks", "speed.fp8_base=true"],
-    # Diagnostics of the cuDNN kernel inside Flux blocks: diffusers' own `_native_cudnn` attention backend (q/k/v made
-    # contiguous in (B, H, S, D)), with and without checkpointing, against our process-wide kernel switch.
-    "diag-diffusers-cudnn": ["speed.attention_backend=auto", "speed.compile=none", "!_native_cudnn"],
-    "diag-diffusers-cudnn-nockpt": [
-        "speed.attention_backend=auto",
-        "speed.compile=none",
-        "!_native_cudnn",
-        "train.gradient_checkpointing=false",
-    ],  # fmt: skip
-    "diag-cudnn-nockpt": ["speed.attention_backend=cudnn", "speed.compile=none", "train.gradient_checkpointing=false"],
-    "ours-fp8-budget30": [
-        *COMPILED_NO_CKPT,
-        "speed.activation_budget=0.3",
-        "speed.fp8_base=true",
-    ],  # fmt: skip
-    "ours-fp8-budget": [
-        *COMPILED_NO_CKPT,
+    "ours-budget": [*COMPILED_NO_CKPT, "speed.activation_budget=0.5"],
+    "ours-budget30": [*COMPILED_NO_CKPT, "speed.activation_budget=0.3"],
+    "ours-budget50-ckpt25": [
+        "speed.attention_backend=cudnn",
+        "speed.compile=blocks",
+        "speed.checkpoint_fraction=0.25",
         "speed.activation_budget=0.5",
-        "speed.fp8_base=true",
     ],  # fmt: skip
-    # The frozen base STORED in fp8 (memory.base_quant, issue 5: weights 11 GiB instead of 22), activation budget 0.5
-    # or no checkpointing: the dequantization costs time, the freed memory lets budget 0.5 fit under 40 GiB.
-    "ours-fp8store-budget": [
-        *COMPILED_NO_CKPT,
-        "speed.activation_budget=0.5",
-        "memory.base_quant=fp8",
-    ],  # fmt: skip
-    "ours-fp8store-nockpt": [
-        *COMPILED_NO_CKPT,
-        "memory.base_quant=fp8",
-    ],  # fmt: skip
-    # The base stored in fp8 AND multiplied in fp8 (speed.fp8_base on memory.base_quant=fp8: torch._scaled_mm on the
-    # stored e4m3 weights, activations and gradients quantized per token): no dequantization, fp8 tensor cores.
+    "ours-budget-cg": [*COMPILED_NO_CKPT, "speed.activation_budget=0.5", CUDA_GRAPHS],
+    # torchao's float8 matmuls on the bf16 base; the base stored in fp8 and dequantized for each matmul
+    "ours-fp8-budget": [*COMPILED_NO_CKPT, "speed.activation_budget=0.5", "speed.fp8_base=true"],
+    "ours-fp8store-budget": [*COMPILED_NO_CKPT, "speed.activation_budget=0.5", FP8_STORED],
+    # fp8 matmuls on the fp8-stored base, alone and with each option on top
+    "ours-fp8mm-budget": [*COMPILED_NO_CKPT, "speed.activation_budget=0.5", *FP8_MATMULS],
+    "ours-fp8mm-nockpt": [*COMPILED_NO_CKPT, *FP8_MATMULS],
+    "ours-fp8mm-keepattn45": [*COMPILED_NO_CKPT, *KEEP_ATTENTION_45, *FP8_MATMULS],
+    "ours-fp8mm-keepattn50": [*COMPILED_NO_CKPT, *keep_attention(0.5), *FP8_MATMULS],
     **{
-        f"ours-fp8mm-{name}": [
-            *COMPILED_NO_CKPT,
-            *([f"speed.activation_budget={budget}"] if budget < 1 else []),
-            "memory.base_quant=fp8",
-            "speed.fp8_base=true",
-        ]
-        for name, budget in [("budget", 0.5), ("budget55", 0.55), ("budget60", 0.6), ("nockpt", 1.0)]
-    },
-    # The same, the attention forward never recomputed (speed.keep_attention): the budget is met by the rest.
-    **{
-        f"ours-fp8mm-keepattn{round(budget * 100)}": [
-            *COMPILED_NO_CKPT,
-            *keep_attention(budget),
-            "memory.base_quant=fp8",
-            "speed.fp8_base=true",
-        ]
-        for budget in (0.45, 0.5, 0.55, 0.6)
-    },
-    # CUDA graphs over the compiled blocks (speed.cuda_graphs): a 512^2 step's GPU sat idle half the time, waiting
-    # on kernel launches (profile: GPU busy 47%).
-    "ours-budget-cg": [
-        *COMPILED_NO_CKPT,
-        "speed.activation_budget=0.5",
-        "speed.cuda_graphs=true",
-    ],  # fmt: skip
-    **{
-        f"ours-fp8mm-{name}-cg": [
-            *COMPILED_NO_CKPT,
-            *extra,
-            "memory.base_quant=fp8",
-            "speed.fp8_base=true",
-            "speed.cuda_graphs=true",
-        ]
+        f"ours-fp8mm-{name}-cg": [*COMPILED_NO_CKPT, *FP8_MATMULS, CUDA_GRAPHS, *extra]
         for name, extra in [
             ("nockpt", []),
             ("keepattn45", KEEP_ATTENTION_45),
@@ -144,29 +98,13 @@ VARIANTS: dict[str, list[str]] = {
             ("keepattn50", keep_attention(0.5)),
             ("keepattn60", keep_attention(0.6)),
             ("keepattn45-fastacc", [*KEEP_ATTENTION_45, FAST_ACCUM]),
-            # + the LoRA down-projections sharing an input merged (speed.fuse_lora_inputs)
             ("keepattn45-fastacc-fuse", [*KEEP_ATTENTION_45, FAST_ACCUM, FUSE_LORA]),
-            ("keepattn45-fuse", [*KEEP_ATTENTION_45, FUSE_LORA]),
-            # + inductor's coordinate-descent tuning of the Triton kernels (speed.tune_kernels; minutes of compile)
+            # the fastest at 1024^2; the same with exact accumulation; the fastest at 512^2 (tune: minutes of compile)
             ("keepattn45-fastacc-fuse-tune", [*KEEP_ATTENTION_45, FAST_ACCUM, FUSE_LORA, TUNE]),
             ("keepattn45-fuse-tune", [*KEEP_ATTENTION_45, FUSE_LORA, TUNE]),
             ("nockpt-fuse-tune", [FUSE_LORA, TUNE]),
-            ("nockpt-fuse", [FUSE_LORA]),
         ]
     },
-    "diag-cudnn-nofix": ["speed.attention_backend=cudnn", "speed.compile=none", "!nofix"],
-    "ours-budget30": [
-        "speed.attention_backend=cudnn",
-        "speed.compile=blocks",
-        "train.gradient_checkpointing=false",
-        "speed.activation_budget=0.3",
-    ],  # fmt: skip
-    "ours-budget50-ckpt25": [
-        "speed.attention_backend=cudnn",
-        "speed.compile=blocks",
-        "speed.checkpoint_fraction=0.25",
-        "speed.activation_budget=0.5",
-    ],  # fmt: skip
 }
 
 
@@ -183,53 +121,6 @@ def step_flops(target_tokens: int, control_tokens: int, text_tokens: int = TEXT_
     linear = 2 * 12 * d * d * tokens * blocks  # forward FLOPs (2 per multiply-add)
     attention = 2 * 2 * tokens * tokens * d * blocks
     return (linear + attention) + (linear + 2 * attention)  # forward + backward
-
-
-def build_transformer(tiny: bool, device: torch.device, layers: list[int] | None = None) -> torch.nn.Module:
-    """A randomly initialised Kontext transformer in bf16, built directly on `device` (no download).
-
-    layers = [double, single] builds a shallower model of full width (for kernel diagnostics)."""
-    from diffusers import FluxTransformer2DModel
-
-    from kontext_lora.model.tiny import TINY_TRANSFORMER
-
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device(device):
-        shape = dict(TINY_TRANSFORMER if tiny else FULL)
-        if layers:
-            shape.update(num_layers=layers[0], num_single_layers=layers[1])
-        transformer = FluxTransformer2DModel(**shape)
-    torch.set_default_dtype(torch.float32)
-    return transformer.requires_grad_(False)
-
-
-def make_batch(resolution: int, tiny: bool, device: torch.device):
-    """A cached Kontext batch of one sample: latents (1, 16, R/8, R/8) for target and control, T5 (1, 512, 4096)."""
-    from kontext_lora.train.objective import LatentBatch
-
-    generator = torch.Generator().manual_seed(1)
-    side = resolution // 8
-    joint, pooled = (32, 32) if tiny else (FULL["joint_attention_dim"], FULL["pooled_projection_dim"])
-    text = 16 if tiny else TEXT_TOKENS
-    return LatentBatch(
-        target_latents=torch.randn(1, 16, side, side, generator=generator),
-        control_latents=torch.randn(1, 16, side, side, generator=generator),
-        prompt_embeds=torch.randn(1, text, joint, generator=generator),
-        pooled_embeds=torch.randn(1, pooled, generator=generator),
-    ).to(device, torch.bfloat16)
-
-
-def randomize_lora_b(transformer: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """Draw every lora_B from N(0, 0.01^2) with a fixed CPU seed (same in every variant), so lora_A gets gradients."""
-    generator = torch.Generator().manual_seed(2)
-    params = []
-    for name, param in sorted(transformer.named_parameters()):
-        if "lora_" in name and param.requires_grad:
-            params.append(param)
-            if "lora_B" in name:
-                param.data.copy_(torch.randn(param.shape, generator=generator) * 0.01)
-    return params
 
 
 def reference_step_fn(transformer: torch.nn.Module, batch, device: torch.device):
@@ -281,98 +172,10 @@ def reference_step_fn(transformer: torch.nn.Module, batch, device: torch.device)
     return step
 
 
-def bench_config(overrides: list[str]):
-    """The benchmarks' config: the full model's LoRA (rank 16, the attention+MLP preset), bf16 mixed precision, every
-    block checkpointed, then `overrides`."""
-    from kontext_lora.config import load_config
-
-    return load_config(None, [
-        "model.pretrained=unused", "data.datasets=[{path: unused}]", f"lora.rank={RANK}", f"lora.alpha={RANK}",
-        "lora.preset=attention_mlp", "train.mixed_precision=bf16", "train.gradient_checkpointing=true",
-        "train.lr=1e-4", *overrides,
-    ])  # fmt: skip
-
-
-def run_for_result(
-    command: list[str], timeout: float, env: dict | None = None, cwd: Path | None = None
-) -> tuple[dict | None, str]:
-    """Run one benchmark child and return (its last `RESULT {json}` line parsed, or None; its output).
-
-    The child runs in its own process group, killed whole on timeout (a launcher's workers too, so no orphan keeps
-    holding a GPU for the next configuration); stdout and stderr come back interleaved as printed.
-    """
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd,
-                            start_new_session=True)  # fmt: skip
-    try:
-        output = proc.communicate(timeout=timeout)[0]
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output = proc.communicate()[0] + f"\nTIMEOUT after {timeout} s"
-    found = [line for line in output.splitlines() if line.startswith("RESULT ")]
-    return (json.loads(found[-1][len("RESULT ") :]) if found else None), output
-
-
-def last_lines(output: str, count: int = 3) -> str:
-    """The last `count` non-empty lines of a child's output, joined: the error a failed child's row records."""
-    return " | ".join([line for line in output.splitlines() if line.strip()][-count:])
-
-
-def ours_step_fn(transformer: torch.nn.Module, batch, device: torch.device, overrides: list[str]):
-    """The project's path: inject_lora -> apply_memory_and_speed -> accelerate -> training_step, as `fit` runs them."""
-    from accelerate import Accelerator
-
-    from kontext_lora.model.lora import inject_lora
-    from kontext_lora.model.speed import apply_memory_and_speed
-    from kontext_lora.train.loop import training_step
-    from kontext_lora.train.optim import build_optimizer
-
-    diffusers_backend = [o[1:] for o in overrides if o.startswith("!")]
-    cfg = bench_config([o for o in overrides if not o.startswith("!")])
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
-    inject_lora(transformer, cfg.lora)
-    params = randomize_lora_b(transformer)
-    applied = apply_memory_and_speed(transformer, cfg, device)  # memory.base_quant, then speed.*, as fit() does
-    if "nofix" in diffusers_backend:  # the cuDNN diagnostic without our gradient-layout hooks
-        for handle in transformer._kontext_grad_hooks:
-            handle.remove()
-        applied["attention"] += " without contiguous_attention_grads"
-        diffusers_backend.remove("nofix")
-    if diffusers_backend:
-        from kontext_lora.model.speed import set_attention_backend
-
-        set_attention_backend("default")
-        transformer.set_attention_backend(diffusers_backend[0])
-        applied["attention"] = f"diffusers {diffusers_backend[0]}"
-    print(f"applied: {applied}", flush=True)
-    optimizer = build_optimizer(params, cfg)  # AdamW, fused where the device has it (cfg.optim)
-    transformer, optimizer = accelerator.prepare(transformer, optimizer)
-    transformer.train()
-    generator = torch.Generator(device).manual_seed(0)
-
-    def step(grads_out: Path | None) -> torch.Tensor:
-        loss = training_step(transformer, batch, cfg, generator)
-        accelerator.backward(loss)
-        if grads_out is not None:
-            _save_first_step(grads_out, loss, params)
-        accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    return step
-
-
-def _save_first_step(path: Path, loss: torch.Tensor, params: list[torch.nn.Parameter]) -> None:
-    from safetensors.torch import save_file
-
-    grads = torch.cat([p.grad.detach().float().flatten() for p in params]).cpu()
-    save_file({"loss": loss.detach().float().reshape(1).cpu(), "grads": grads}, str(path))
-
-
 def run_child(args: argparse.Namespace) -> None:
     """Build, set up one variant, time it; print one `RESULT {json}` line."""
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    transformer = build_transformer(args.tiny, device, args.layers)
+    transformer = build_transformer(args.tiny, device)
     batch = make_batch(args.res[0], args.tiny, device)
     if args.child == "reference":
         step = reference_step_fn(transformer, batch, device)
@@ -393,7 +196,7 @@ def run_child(args: argparse.Namespace) -> None:
     gaps = trace_step(step, device, Path(args.trace) / f"{args.child}-{args.res[0]}.json.gz") if args.trace else None
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     result = {
-        "variant": args.child, "res": args.res[0], "layers": args.layers, "s_per_step": statistics.median(timed),
+        "variant": args.child, "res": args.res[0], "s_per_step": statistics.median(timed),
         "spread": (max(timed) - min(timed)) if len(timed) > 1 else 0.0, "first_step_s": times[0],
         "cpu_s": statistics.median(enqueued[args.warmup :]), "peak_gib": peak, "losses": losses, "profile": profile,
         "gaps": gaps, "cudagraph_counters": _cudagraph_counters(), "fused_lora_groups": _fused_lora_groups(),
@@ -450,9 +253,7 @@ def trace_step(step, device: torch.device, path: Path) -> dict | None:
     if device.type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from trace_gaps import analyze, format_summary, load_trace
+    from trace_gaps import analyze, format_summary, load_trace  # beside this script
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -505,7 +306,6 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="also profile one step by kernel family")
     parser.add_argument("--trace", help="trace one step (CPU + GPU) into this folder; report the idle gaps")
     parser.add_argument("--loss-baseline", default="ours-eager", help="variant the per-step losses are compared to")
-    parser.add_argument("--layers", type=int, nargs=2, help="double and single blocks (default: FLUX.1's 19 and 38)")
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU: checks the script, times nothing real")
     parser.add_argument("--out", type=Path, default=Path("bench_step.json"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -530,7 +330,6 @@ def main() -> None:
             command += ["--tiny"] if args.tiny else []
             command += ["--profile"] if args.profile else []
             command += ["--trace", args.trace] if args.trace else []
-            command += ["--layers", *map(str, args.layers)] if args.layers else []
             print(f"== {variant} @ {res}^2", flush=True)
             started = time.perf_counter()
             row, output = run_for_result(command, args.timeout)
@@ -557,8 +356,7 @@ def print_table(rows: list[dict], card: str, peak_tflops: float, tiny: bool, los
         reference = same_res.get("reference")
         baseline = same_res.get("ours-eager") or same_res.get(loss_baseline)  # first-step errors: eager bf16 if run
         tokens = (row["res"] // 16) ** 2
-        shape = {**FULL, **dict(zip(("num_layers", "num_single_layers"), row.get("layers") or (), strict=False))}
-        flops = step_flops(tokens, tokens, cfg=shape)
+        flops = step_flops(tokens, tokens)
         mfu = flops / row["s_per_step"] / (peak_tflops * 1e12) if not tiny else float("nan")
         ratio = reference["s_per_step"] / row["s_per_step"] if reference else float("nan")
         errors = ("", "")

@@ -1,7 +1,7 @@
 """Block swap on the full-size Kontext transformer: same loss as no swap, step for step; time and peak memory.
 
 Each config runs in its own process (peaks are per process; a crash cannot poison the next): it builds FLUX.1-Kontext's
-transformer (12B, random bf16, scripts/bench_step.py), injects the same LoRA (lora_B drawn with a fixed seed),
+transformer (12B, random bf16, scripts/_bench_common.py), injects the same LoRA (lora_B drawn with a fixed seed),
 applies `memory.block_swap=N` through the project's own path (`ours_step_fn`: inject_lora -> apply_memory_and_speed ->
 accelerate -> training_step, every block checkpointed, eager), then trains `--steps` steps at each resolution in
 turn with the same noise. N=0 runs twice: its second run is the floor of the GPU's own nondeterminism, against which
@@ -26,16 +26,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]  # this checkout's kontext_lora and bench_step, however launched
-
 # Eager, flash attention, every block checkpointed: the same compute whatever N (swapped blocks are checkpointed).
 OVERRIDES = ["speed.attention_backend=flash", "speed.compile=none", "train.gradient_checkpointing=true"]
 
 
 def run_child(args: argparse.Namespace) -> None:
     """One config: build, swap, train `steps[i]` steps at each `res[i]`; print one `RESULT {json}` line."""
-    from bench_step import build_transformer, make_batch, ours_step_fn
+    from _bench_common import build_transformer, make_batch, ours_step_fn
 
     from kontext_lora.model.swap import swapped_bytes
 
@@ -106,7 +103,7 @@ def main() -> None:
     if args.child is not None:
         return run_child(args)
 
-    from bench_step import last_lines, run_for_result
+    from _bench_common import last_lines, run_for_result
 
     rows = []
     for index, swap in enumerate(args.swap):

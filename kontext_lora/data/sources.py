@@ -8,14 +8,12 @@ dataset is never held in memory.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 from kontext_lora.config import DatasetConfig
-from kontext_lora.data.triples import DataError, RowImage, Triple, discover_triples
-
-HF_TABLE_SUFFIXES = (".parquet", ".arrow")
-_SAVE_TO_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+from kontext_lora.data.errors import DataError
+from kontext_lora.data.hf import HF_TABLE_SUFFIXES, SAVE_TO_DISK_MARKERS, RowImage, open_hf_dataset, table_files
+from kontext_lora.data.triples import Triple, discover_triples
 
 
 def discover_dataset(ds: DatasetConfig) -> list[Triple]:
@@ -40,62 +38,7 @@ def _looks_like_hf(root: Path) -> bool:
         return root.suffix in HF_TABLE_SUFFIXES
     if not root.is_dir() or (root / "metadata.jsonl").is_file() or (root / "metadata.csv").is_file():
         return False
-    return any((root / marker).is_file() for marker in _SAVE_TO_DISK_MARKERS) or bool(_table_files(root))
-
-
-def _table_files(root: Path) -> list[Path]:
-    for suffix in HF_TABLE_SUFFIXES:
-        files = sorted(root.rglob(f"*{suffix}"))
-        if files:
-            return files
-    return []
-
-
-@functools.lru_cache(maxsize=8)
-def open_hf_dataset(location: str):
-    """Open `<path>::<split>` as a `datasets.Dataset` with image columns left encoded (bytes + path)."""
-    import datasets
-
-    path_text, split = location.rsplit("::", 1)
-    root = Path(path_text)
-    if not root.exists():
-        raise DataError(f"dataset folder {root} does not exist; check the dataset path")
-    try:
-        if root.is_dir() and any((root / marker).is_file() for marker in _SAVE_TO_DISK_MARKERS):
-            loaded = datasets.load_from_disk(str(root))
-        elif root.is_file() or _table_files(root):
-            files = [root] if root.is_file() else _table_files(root)
-            builder = files[0].suffix.lstrip(".")
-            loaded = datasets.load_dataset(builder, data_files={split: [str(f) for f in files]}, split=split)
-        else:
-            loaded = datasets.load_dataset("imagefolder", data_dir=str(root), split=split)
-    except DataError:
-        raise
-    except Exception as exc:  # datasets raises many types (FileNotFoundError, ValueError, ArrowInvalid...)
-        raise DataError(f"cannot open Hugging Face dataset {root}: {exc}; check the files and `format`") from exc
-    if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise DataError(f"Hugging Face dataset {root} has no split '{split}' (splits: {', '.join(loaded)})")
-        loaded = loaded[split]
-    # Left encoded, images cost nothing until a row is read, and their bytes can be hashed for the caches.
-    for name, feature in loaded.features.items():
-        if isinstance(feature, datasets.Image):
-            loaded = loaded.cast_column(name, datasets.Image(decode=False))
-    return loaded
-
-
-def row_image_bytes(ref: RowImage) -> bytes:
-    """The encoded bytes of an image stored in a dataset row."""
-    value = open_hf_dataset(ref.location)[ref.row][ref.column]
-    if isinstance(value, dict) and value.get("bytes"):
-        return value["bytes"]
-    path = value.get("path") if isinstance(value, dict) else value
-    if not path:
-        raise DataError(f"{ref}: holds no image bytes and no path")
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise DataError(f"{ref}: cannot read {path}: {exc.strerror or exc}") from exc
+    return any((root / marker).is_file() for marker in SAVE_TO_DISK_MARKERS) or bool(table_files(root))
 
 
 def _triples_from_hf(root: Path, ds: DatasetConfig) -> list[Triple]:

@@ -1,4 +1,4 @@
-"""(control image, target image, caption) triples: discovery on disk, image decoding, and a torch Dataset.
+"""(control image, target image, caption) triples: discovery on disk and image decoding.
 
 Three layouts are understood here (see `discover_triples`; Hugging Face datasets are in `sources.py`):
 
@@ -28,6 +28,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
+from kontext_lora.data.errors import DataError
+from kontext_lora.data.hf import RowImage
+
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 CAPTION_EXTENSION = ".txt"
 METADATA_FILENAME = "metadata.jsonl"
@@ -36,31 +39,6 @@ CONTROL_DIRNAME = "control"
 TARGET_DIRNAME = "target"
 
 _EXTENSIONS_HINT = "/".join(sorted(ext.lstrip(".") for ext in IMAGE_EXTENSIONS))
-
-
-class DataError(ValueError):
-    """Bad input data a user can fix; the message is one line naming the offending file and the fix."""
-
-    def __init__(self, message: str) -> None:
-        # Messages embed paths and decoder reasons that may contain newlines; the contract is one line.
-        super().__init__(" ".join(str(message).split()))
-
-
-@dataclass(frozen=True)
-class RowImage:
-    """An image stored inside a Hugging Face dataset (encoded bytes in a column of one row)."""
-
-    location: str  # the dataset as `sources.open_hf_dataset` re-opens it: "<path>::<split>"
-    row: int
-    column: str
-
-    def __str__(self) -> str:
-        return f"{self.location.split('::')[0]} row {self.row} column '{self.column}'"
-
-    def read_bytes(self) -> bytes:
-        from kontext_lora.data.sources import row_image_bytes  # sources imports this module
-
-        return row_image_bytes(self)
 
 
 ImageRef = Path | RowImage
@@ -472,47 +450,3 @@ def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
     )
     pixels = torch.from_numpy(np.array(square, dtype=np.float32))  # (size, size, 3) in [0, 255]
     return (pixels / 127.5 - 1.0).permute(2, 0, 1).contiguous()  # (3, size, size) in [-1, 1]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Dataset
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class TripleDataset(torch.utils.data.Dataset):
-    """Square crops of (control, target) pairs with their captions."""
-
-    def __init__(self, triples: list[Triple], resolution: int) -> None:
-        if resolution <= 0:
-            raise ValueError(f"resolution must be a positive number of pixels, got {resolution}")
-        self.triples = list(triples)
-        self.resolution = resolution
-
-    def __len__(self) -> int:
-        return len(self.triples)
-
-    def __getitem__(self, index: int) -> dict:
-        """Return {"control": (3, R, R), "target": (3, R, R) float32 in [-1, 1], "caption": str, "stem": str}."""
-        triple = self.triples[index]
-        return {
-            "control": image_to_tensor(load_image(triple.control), self.resolution),
-            "target": image_to_tensor(load_image(triple.target), self.resolution),
-            "caption": triple.caption,
-            "stem": triple.stem,
-        }
-
-    def verify(self) -> None:
-        """Decode every image once so an unreadable file raises DataError before training starts."""
-        for triple in self.triples:
-            load_image(triple.control)
-            load_image(triple.target)
-
-
-def collate_triples(items: list[dict]) -> dict:
-    """Batch dataset items: control/target (B, 3, R, R); caption/stem as lists of B strings."""
-    return {
-        "control": torch.stack([item["control"] for item in items]),  # (B, 3, R, R)
-        "target": torch.stack([item["target"] for item in items]),  # (B, 3, R, R)
-        "caption": [item["caption"] for item in items],
-        "stem": [item["stem"] for item in items],
-    }

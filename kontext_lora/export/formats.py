@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from kontext_lora.errors import UserError
 from kontext_lora.export import names
 from kontext_lora.export.diffusers_format import (
     KONTEXT_LORA_METADATA_KEY,
@@ -44,7 +45,7 @@ EXPORT_FORMATS = ("diffusers", "kohya", "comfyui")
 IMPORT_FORMATS = ("diffusers", "kohya", "comfyui", "fal")
 
 
-class FormatError(ValueError):
+class FormatError(UserError, ValueError):
     """A LoRA file that cannot be read, or an adapter a format cannot hold; the message says which and why."""
 
 

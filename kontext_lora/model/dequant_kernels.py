@@ -2,15 +2,13 @@
 and the fp8 weight's transpose for the fp8 matmul's backward.
 
 Why by hand. NF4: eager PyTorch needs six kernels with int32 and float intermediates several times the weight's
-size (1.1 ms for a 12288x3072 weight on an H100, against 0.05 ms here: scripts/check_dequant.py); a torch.compile'd
-dequantization, called from inside quant.py's opaque custom ops, cost more in per-call overhead (guards, wrappers,
-1482 calls a step) than it saved: 1.90 s a 512^2 step against 1.62 s eager. Neither torchao (its NF4Tensor
-dequantizes eagerly) nor bitsandbytes (not on the GPU machines; another layout) offers one. fp8: eager, the cast and
-the row scale are two kernels; scaling the matmul's OUTPUT instead (the first version) read and wrote every
-activation once more, 0.12 s of a 1.23 s compiled 1024^2 step on an H100. The transpose: PyTorch's
-`.t().contiguous()` of a uint8 matrix runs as a strided elementwise copy, 50 ms of a 0.88 s 1024^2 step on an H200
-(11.2 GiB of weights read and written once a step, at about 0.45 TB/s); tiles through shared memory do it at
-bandwidth. Triton is imported only when a kernel first runs, so CPU-only installs never need it.
+size, about twenty times the time of one pass (scripts/check_dequant.py compares them per layer); a
+torch.compile'd dequantization, called from inside quant.py's opaque custom ops, costs more in per-call overhead
+(guards and wrappers, about 1500 calls a step) than it saves. torchao's NF4Tensor dequantizes eagerly, and
+bitsandbytes has another layout. fp8: eager, the cast and the row scale are two kernels, and scaling the matmul's
+output instead reads and writes every activation once more. The transpose: PyTorch's `.t().contiguous()` of a uint8
+matrix runs as a strided elementwise copy far below the memory bandwidth; tiles through shared memory reach it.
+Triton is imported only when a kernel first runs, so CPU-only installs never need it.
 """
 
 from __future__ import annotations

@@ -10,11 +10,12 @@ from pathlib import Path
 import torch
 
 from kontext_lora.config import ModelConfig
+from kontext_lora.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """The model folder cannot be used; the message names the folder and the fix."""
 
 

@@ -17,8 +17,8 @@ _ADAPTER_PARAM = re.compile(r"\.(lora_|hada_|lokr_)")
 BASE_MUTATING_INITS = ("pissa", "olora")
 _INITIAL_STATE = "_kontext_lora_initial_adapter"
 
-# Module kinds inside the blocks (see ../shared/KONTEXT.md). Presets are anchored regexes over full module names,
-# because a plain suffix `proj_out` would also adapt the model's final projection layer.
+# Module kinds inside FLUX's 19 double-stream and 38 single-stream blocks. Presets are anchored regexes over full
+# module names, because a plain suffix `proj_out` would also adapt the model's final projection layer.
 _DOUBLE_ATTENTION = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                      "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]  # fmt: skip
 _DOUBLE_MLP = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]

@@ -101,8 +101,8 @@ _fp8_linear.register_autograd(_fp8_backward, setup_context=_save_quantized)
 # (row-wise e4m3, in plain ops that the compiler fuses into whatever produced it); in backward the weight's row
 # scales are folded into the incoming gradient, which is quantized per token the same way, and multiplied with the
 # transposed e4m3 weight. Why not torchao's float8 training (`speed.fp8_base` on a bf16 base): it re-casts every
-# bf16 weight to fp8 on each call (and its transpose in backward), the 75 ms of casts a 1024^2 step measured in
-# docs/performance.md, and it cannot start from weights already stored in fp8.
+# bf16 weight to fp8 on each call (and its transpose in backward), every step, and it cannot start from weights
+# already stored in fp8.
 FP8_MATMUL_MULTIPLE = 16  # torch._scaled_mm needs both dimensions of the weight to be multiples of 16
 
 
@@ -155,7 +155,7 @@ class _Fp8Matmul(torch.autograd.Function):
         ctx.dtype, ctx.fast_accum_backward = x.dtype, fast_accum_backward
         weight = qweight.view(torch.float8_e4m3fn).t()  # (in, out), column-major as _scaled_mm wants it
         # Fast accumulation in forward, as torchao's float8 recipes do; the input gradient accumulates exactly unless
-        # speed.fp8_fast_accum_backward (13 ms of a 0.76 s 1024^2 step on an H200, docs/performance.md).
+        # speed.fp8_fast_accum_backward (faster, rounds the gradient more: docs/performance.md).
         return torch._scaled_mm(x_q, weight, x_scale, scale[None, :], out_dtype=x.dtype, use_fast_accum=True)
 
     @staticmethod

@@ -79,7 +79,7 @@ def contiguous_attention_grads(transformer: torch.nn.Module) -> list:
     (PyTorch 2.11, cuDNN 9.19, H200; also with diffusers' `_native_cudnn` backend). A single block concatenates the
     attention output with the MLP branch, so the gradient flowing back into SDPA is a strided slice (row stride
     5 * 3072, not 3072); with it made contiguous the full model trains on cuDNN and matches flash (docs/performance.md).
-    Compiled blocks did not need it. The copy is one (tokens x 3072) tensor per single block.
+    Compiled blocks do not need it. The copy is one (tokens x 3072) tensor per single block.
     """
     return [
         module.register_forward_hook(_contiguous_grad_hook)
@@ -130,8 +130,8 @@ def fsdp_cast_inputs(block: torch.nn.Module, args: tuple) -> tuple:
     own pre-forward hook does; other blocks' inputs are returned as they are.
 
     Why: the checkpoint recompute in backward calls the block again, and FSDP2 in PyTorch 2.11 skips its input cast
-    during backward, so the recomputed tensors came out float32 where the forward's were bfloat16 and checkpoint
-    refused them (seen on 2 H100s, configs/accelerate/fsdp2_2gpu.yaml). Casting before the checkpoint makes both
+    during backward, so the recomputed tensors come out float32 where the forward's were bfloat16 and checkpoint
+    refuses them (configs/accelerate/fsdp2_2gpu.yaml with checkpointing). Casting before the checkpoint makes both
     passes see the same inputs; FSDP's own cast is then a no-op.
     """
     get_state = getattr(block, "_get_fsdp_state", None)  # set on modules that fully_shard wrapped
@@ -163,7 +163,7 @@ def compile_blocks(
     each block has its own parameters, so each is recorded once (cudagraph trees re-record per static-input set).
     The training step marks each step's start (`training_step`). fuse_lora: `fuse_lora_inputs` on each block's graph.
     tune_kernels: inductor's coordinate-descent search over each Triton kernel's block sizes, timed on the device at
-    compile time (-8 ms of a 0.76 s 1024^2 step on an H100, docs/performance.md; the first step took 4 minutes).
+    compile time (about 1% of a 1024^2 step for minutes more of compiling at the first step: docs/performance.md).
     """
     configure_compiler(activation_budget, keep_attention, cuda_graphs, fuse_lora, tune_kernels)
     transformer.compile_repeated_blocks(fullgraph=False, dynamic=False)
@@ -200,8 +200,8 @@ ATTENTION_OPS = (
 def tag_attention_must_save(graph: torch.fx.Graph) -> int:
     """Mark every attention forward in a joint forward+backward graph MUST_SAVE (never recomputed); returns how many.
 
-    Why (speed.keep_attention): under an activation budget the min-cut partitioner chose to recompute the attention
-    forward in backward (cuDNN's forward, 83 ms of a 1024^2 step, ran twice on an H200: docs/performance.md), where
+    Why (speed.keep_attention): under an activation budget the min-cut partitioner chooses to recompute the attention
+    forward in backward (cuDNN's attention forward then runs twice a step), where
     recomputing the matmuls or the elementwise work would free as much memory for less time. A MUST_SAVE op is
     banned from recomputation, so the budget is met by the rest. torch.utils.checkpoint's selective policies set
     the same tag, but only inside a checkpoint region, which regional compilation does not give.

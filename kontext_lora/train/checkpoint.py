@@ -47,6 +47,7 @@ import torch
 from safetensors import safe_open
 
 from kontext_lora.atomic import remove_leftovers
+from kontext_lora.errors import UserError
 from kontext_lora.export.diffusers_format import WEIGHT_NAME, save_safetensors
 
 MARKER = "checkpoint.json"
@@ -66,7 +67,7 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 WRITE_DELAY_ENV = "KONTEXT_LORA_TEST_CHECKPOINT_DELAY"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint folder cannot be used; the message names the folder."""
 
 
@@ -335,7 +336,7 @@ def read_marker(folder: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ the run folder
 
 
-class RunFolderError(RuntimeError):
+class RunFolderError(UserError, RuntimeError):
     """output.dir cannot be used by this run (another run holds it, or it holds another run's files)."""
 
 

@@ -2,7 +2,6 @@
 
 Training then never touches the VAE or the text encoders, which leave the GPU after caching. `fill_cache` computes
 only the entries the cache lacks (see `kontext_lora.data.cache` for the keys), and splits them across processes.
-`encode_dataset` keeps the older in-memory path (square crops, one control) for tests and small experiments.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from kontext_lora.config import Config
 from kontext_lora.data.buckets import render, render_mask
 from kontext_lora.data.cache import DiskCache, folder_identity
 from kontext_lora.data.plan import CachedDataset, CacheEntries, ImageJob, PlannedSample, cache_entries
-from kontext_lora.data.triples import DataError, TripleDataset, collate_triples, load_image
+from kontext_lora.data.triples import DataError, load_image
 from kontext_lora.model.load import (
     DTYPES,
     PIPELINE_PARTS,
@@ -64,29 +63,6 @@ def collate_encoded(items: list[dict]) -> LatentBatch:
         pooled_embeds=torch.stack([item["pooled_embeds"] for item in items]),  # (B, 768)
         loss_mask=None if masks[0] is None else torch.stack(masks),  # (B, 1, h, w)
     )
-
-
-@torch.no_grad()
-def encode_dataset(
-    pipe, dataset: TripleDataset, max_sequence_length: int, batch_size: int = 4, show_progress: bool = True
-) -> EncodedDataset:
-    """Run the VAE and both text encoders over a square-crop dataset once; CPU tensors in the pipeline's dtype."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_triples)
-    items: list[dict] = []
-    for batch in progress_bar(loader, desc="encoding triples", unit="batch", show=show_progress):
-        target_latents = encode_images(pipe.vae, batch["target"])  # (B, 16, R/8, R/8)
-        control_latents = encode_images(pipe.vae, batch["control"])
-        prompt_embeds, pooled_embeds = encode_captions(pipe, batch["caption"], max_sequence_length)
-        for i in range(target_latents.shape[0]):
-            items.append(
-                {
-                    "target_latents": target_latents[i].cpu(),
-                    "control_latents": control_latents[i].cpu(),
-                    "prompt_embeds": prompt_embeds[i].cpu(),
-                    "pooled_embeds": pooled_embeds[i].cpu(),
-                }
-            )
-    return EncodedDataset(items)
 
 
 # ---------------------------------------------------------------------------------------------------------------

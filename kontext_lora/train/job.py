@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from kontext_lora.atomic import atomic_path
+from kontext_lora.errors import UserError
 from kontext_lora.model.device import device_limit_bytes
 
 JOB_NAME = "job.json"
@@ -42,7 +43,7 @@ OOM_ADVICE = {
 }
 
 
-class JobOutOfMemory(RuntimeError):
+class JobOutOfMemory(UserError, RuntimeError):
     """The accelerator ran out of memory in a phase; the message says where, how much, and what to change."""
 
 

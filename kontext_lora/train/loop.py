@@ -21,6 +21,7 @@ from kontext_lora.data.buckets import BucketBatchSampler, ShardedBatches, bucket
 from kontext_lora.data.plan import bucket_keys_of, build_plan
 from kontext_lora.data.preflight import preflight, write_contact_sheet
 from kontext_lora.data.triples import DataError
+from kontext_lora.errors import UserError
 from kontext_lora.export.card import comfyui_note
 from kontext_lora.export.diffusers_format import WEIGHT_NAME, read_lora_file, save_diffusers_lora
 from kontext_lora.export.formats import export_file_names, read_adapter, write_exports
@@ -44,7 +45,7 @@ from kontext_lora.train.objective import LatentBatch, flow_matching_loss, sample
 from kontext_lora.train.optim import NonFiniteGuard, build_optimizer
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training stopped for a reason the user can act on; the message says what was saved."""
 
 

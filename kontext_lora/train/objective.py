@@ -101,11 +101,10 @@ def input_dtype(transformer: torch.nn.Module) -> torch.dtype:
     DeepSpeed wrappers (their `.module`); a model without one gives its `.dtype`.
 
     Why not accelerate's `extract_model_from_parallel(transformer).dtype`: diffusers' `ModelMixin.dtype` walks
-    every module of the model looking for casting hooks (12 ms for the 5,459 modules of the full model with its
-    LoRA, measured on this project's CI machine) and the unwrapping took 6 ms more, on the CPU before every forward:
-    the GPU sat idle 20-32 ms of each step, 15% of a 512^2 step (scripts/trace_gaps.py on an H200,
-    docs/performance.md). Both give this same dtype, the first floating parameter's: Flux's embedders are neither
-    quantized nor cast apart from the rest.
+    every module of the model looking for casting hooks (5,459 modules in the full model with its LoRA) and the
+    unwrapping adds more, tens of ms of CPU before every forward while the GPU waits (scripts/trace_gaps.py shows
+    such gaps). Both give this same dtype, the first floating parameter's: Flux's embedders are neither quantized
+    nor cast apart from the rest.
     """
     module = transformer
     while not hasattr(module, "x_embedder") and isinstance(getattr(module, "module", None), torch.nn.Module):

@@ -17,6 +17,7 @@ from kontext_lora.data.preflight import preflight
 from kontext_lora.data.triples import DataError, load_image
 from kontext_lora.model.load import encode_images
 from kontext_lora.train.encode import cache_folder, cached_dataset, load_encoders, plan_entries
+from tests.tiny_config import tiny_model_overrides
 
 
 def _write(root: Path, stem: str, seed: int, size=(80, 64), caption: str = "edit it") -> None:
@@ -32,7 +33,7 @@ def _cfg(tiny_model_dir: Path, tmp_path: Path, *extra: str):
     return load_config(
         None,
         [
-            f"model.pretrained={tiny_model_dir}", "model.dtype=float32", "model.max_sequence_length=8",
+            *tiny_model_overrides(tiny_model_dir),
             f"data.datasets=[{{path: {tmp_path / 'data'}}}]", "data.resolution=64",
             f"data.cache_dir={tmp_path / 'cache'}", f"output.dir={tmp_path / 'run'}", *extra,
         ],

@@ -16,6 +16,7 @@ from kontext_lora.data.plan import build_plan
 from kontext_lora.data.preflight import preflight
 from kontext_lora.train.encode import cached_dataset, collate_encoded, load_encoders
 from kontext_lora.train.loop import train
+from tests.tiny_config import tiny_model_overrides
 
 
 def _photo(path: Path, seed: int, size: tuple[int, int]) -> None:
@@ -46,7 +47,7 @@ def _cfg(tiny_model_dir: Path, tmp_path: Path, *extra: str):
     return load_config(
         None,
         [
-            f"model.pretrained={tiny_model_dir}", "model.dtype=float32", "model.max_sequence_length=8",
+            *tiny_model_overrides(tiny_model_dir),
             f"data.datasets={_datasets(tmp_path / 'data')}", "data.resolution=64", "data.control_bucket=own",
             "lora.rank=4", "train.steps=4", "train.batch_size=2", "logging.report_to=none",
             f"output.dir={tmp_path / 'run'}", *extra,

@@ -14,12 +14,11 @@ from PIL import Image, ImageFile
 from kontext_lora.data.triples import (
     DataError,
     Triple,
-    TripleDataset,
-    collate_triples,
     discover_triples,
     image_to_tensor,
     load_image,
 )
+from tests.square_crops import TripleDataset, collate_triples
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "data_examples" / "bw"
 

@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from kontext_lora.config import load_config
-from kontext_lora.data.triples import TripleDataset, discover_triples
+from kontext_lora.data.triples import discover_triples
 from kontext_lora.model.load import load_pipeline
 from kontext_lora.model.lora import lora_parameters
 from kontext_lora.model.speed import apply_speed, transformer_blocks
 from kontext_lora.model.swap import enable_block_swap, swapped_block_indices
-from kontext_lora.train.encode import encode_dataset
 from kontext_lora.train.loop import fit, training_step
 from kontext_lora.train.optim import build_optimizer
 from tests.model.tiny_lora import BASE, tiny_batch, tiny_lora_model
+from tests.square_crops import TripleDataset, encode_dataset
 from tests.train.tiny_task import write_images
 
 SWAP_BASE = ["train.lr=1e-2", "speed.compile=none"]

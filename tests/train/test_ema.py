@@ -13,11 +13,12 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from kontext_lora.config import EmaConfig, load_config
-from kontext_lora.data.triples import TripleDataset, discover_triples
+from kontext_lora.data.triples import discover_triples
 from kontext_lora.model.load import load_pipeline
 from kontext_lora.train.ema import EMA_WEIGHT_NAME, AdapterEMA
-from kontext_lora.train.encode import encode_dataset
 from kontext_lora.train.loop import fit
+from tests.square_crops import TripleDataset, encode_dataset
+from tests.tiny_config import tiny_model_overrides
 
 from ..conftest import EXAMPLES
 
@@ -34,7 +35,7 @@ def test_saved_ema_is_the_recurrence_of_the_adapter_weights_and_loads(
     cfg = load_config(
         None,
         [
-            f"model.pretrained={tiny_model_dir}", "model.dtype=float32", "model.max_sequence_length=8",
+            *tiny_model_overrides(tiny_model_dir),
             f"data.datasets=[{{path: {EXAMPLES}}}]", "data.resolution=32", "lora.rank=4", "train.steps=6",
             "train.batch_size=2", "train.lr=2e-2", f"output.dir={run}", "output.save_every=1",
             "logging.report_to=none", "ema.enabled=true", f"ema.decay={DECAY}", "ema.every=2", "ema.ramp=false",

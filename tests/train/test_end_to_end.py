@@ -14,10 +14,11 @@ from PIL import Image
 from safetensors import safe_open
 
 from kontext_lora.config import load_config
-from kontext_lora.data.triples import TripleDataset, discover_triples
+from kontext_lora.data.triples import discover_triples
 from kontext_lora.model.load import load_pipeline
-from kontext_lora.train.encode import encode_dataset
 from kontext_lora.train.loop import fit, train
+from tests.square_crops import TripleDataset, encode_dataset
+from tests.tiny_config import tiny_model_overrides
 
 from ..conftest import EXAMPLES
 
@@ -26,7 +27,7 @@ def _config(tiny_model_dir: Path, out: Path, *extra: str):
     return load_config(
         None,
         [
-            f"model.pretrained={tiny_model_dir}", "model.dtype=float32", "model.max_sequence_length=16",
+            *tiny_model_overrides(tiny_model_dir, max_sequence_length=16),
             f"data.datasets=[{{path: {EXAMPLES}}}]", "data.resolution=64",
             "lora.rank=4", "lora.alpha=8", "train.steps=12", "train.batch_size=2", "train.lr=1e-2",
             f"output.dir={out}", "output.save_every=5", "logging.report_to=tensorboard", *extra,

@@ -1,4 +1,4 @@
-"""The trainer learns an edit that needs the control image (issue 2's learning test).
+"""The trainer learns an edit that needs the control image.
 
 Task: the target latent is the negated control latent (an "invert" edit in latent space), for smooth random colour
 images encoded by the tiny model's real VAE. Without the control a model can only denoise, so both the 30% drop
@@ -15,11 +15,13 @@ from pathlib import Path
 import torch
 
 from kontext_lora.config import load_config
-from kontext_lora.data.triples import TripleDataset, discover_triples
+from kontext_lora.data.triples import discover_triples
 from kontext_lora.model.load import load_pipeline
-from kontext_lora.train.encode import collate_encoded, encode_dataset
+from kontext_lora.train.encode import collate_encoded
 from kontext_lora.train.loop import fit
 from kontext_lora.train.objective import LatentBatch
+from tests.square_crops import TripleDataset, encode_dataset
+from tests.tiny_config import tiny_model_overrides
 
 from .tiny_task import heldout_mse, negated, write_images
 
@@ -31,7 +33,7 @@ def test_adapter_learns_an_edit_that_needs_the_control(tiny_model_dir: Path, tmp
     cfg = load_config(
         None,
         [
-            f"model.pretrained={tiny_model_dir}", "model.dtype=float32", "model.max_sequence_length=8",
+            *tiny_model_overrides(tiny_model_dir),
             f"data.datasets=[{{path: {tmp_path}}}]", f"data.resolution={RESOLUTION}",
             "lora.rank=16", "lora.alpha=16", "lora.preset=all", "lora.init_lora_weights=gaussian",
             "train.steps=600", "train.batch_size=16", "train.lr=5e-3", "train.seed=0",

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from kontext_lora.model.lora import adapter_state, inject_lora
 from kontext_lora.model.quant import QUANTIZED
 from kontext_lora.train.loop import fit, train
+from tests.tiny_config import tiny_model_overrides
 
 from ..conftest import EXAMPLES
 from .tiny_task import encoded_pair, fresh_transformer, heldout_batch, heldout_mse, negated, task_config
@@ -67,7 +68,7 @@ def test_train_with_offloaded_encoders_and_an_fp8_base_runs_end_to_end(
     cfg = load_config(
         None,
         [
-            f"model.pretrained={tiny_model_dir}", "model.dtype=float32", "model.max_sequence_length=16",
+            *tiny_model_overrides(tiny_model_dir, max_sequence_length=16),
             f"data.datasets=[{{path: {EXAMPLES}}}]", "data.resolution=64", "lora.rank=4", "lora.alpha=4",
             "train.steps=2", "train.batch_size=2", "train.lr=1e-2", f"output.dir={out}", "logging.report_to=none",
             "memory.text_encoder=cpu_offload", "memory.base_quant=fp8",

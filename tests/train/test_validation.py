@@ -16,11 +16,12 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from kontext_lora.config import load_config
-from kontext_lora.data.triples import TripleDataset, discover_triples
+from kontext_lora.data.triples import discover_triples
 from kontext_lora.model.load import load_pipeline
-from kontext_lora.train.encode import encode_dataset
 from kontext_lora.train.loop import _accelerator, fit
 from kontext_lora.train.validation import Validator, split_heldout, validation_items
+from tests.square_crops import TripleDataset, encode_dataset
+from tests.tiny_config import tiny_model_overrides
 
 from ..conftest import EXAMPLES
 
@@ -51,7 +52,7 @@ def _config(tiny_model_dir: Path, tmp_path: Path, out: str, *extra: str):
     return load_config(
         None,
         [
-            f"model.pretrained={tiny_model_dir}", "model.dtype=float32", "model.max_sequence_length=8",
+            *tiny_model_overrides(tiny_model_dir),
             f"data.datasets=[{{path: {EXAMPLES}}}]", f"data.resolution={RES}", "lora.rank=4", "train.steps=4",
             "train.batch_size=2", "train.lr=1e-2", f"output.dir={tmp_path / out}", "output.save_every=2",
             "logging.report_to=tensorboard", f"validation.examples={examples}",

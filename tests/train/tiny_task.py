@@ -15,9 +15,11 @@ import torch
 from PIL import Image
 
 from kontext_lora.config import Config, load_config
-from kontext_lora.data.triples import TripleDataset, discover_triples
-from kontext_lora.train.encode import EncodedDataset, collate_encoded, encode_dataset
+from kontext_lora.data.triples import discover_triples
+from kontext_lora.train.encode import EncodedDataset, collate_encoded
 from kontext_lora.train.objective import LatentBatch, flow_matching_loss
+from tests.square_crops import TripleDataset, encode_dataset
+from tests.tiny_config import tiny_model_overrides
 
 RESOLUTION = 32
 
@@ -60,7 +62,7 @@ def task_config(model_dir: Path, out_dir: Path, *overrides: str) -> Config:
     return load_config(
         None,
         [
-            f"model.pretrained={model_dir}", "model.dtype=float32", "model.max_sequence_length=8",
+            *tiny_model_overrides(model_dir),
             f"data.datasets=[{{path: {out_dir}}}]", f"data.resolution={RESOLUTION}",
             "lora.rank=8", "lora.alpha=8", "lora.preset=all", "lora.init_lora_weights=gaussian",
             "train.steps=12", "train.batch_size=16", "train.lr=5e-3", "train.seed=0",
