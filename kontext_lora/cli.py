@@ -13,6 +13,7 @@ _USER_ERRORS = {
     "kontext_lora.data.triples": "DataError",
     "kontext_lora.model.load": "ModelError",
     "kontext_lora.train.loop": "TrainingError",
+    "kontext_lora.train.stop": "TrainingStopped",
     "kontext_lora.export.formats": "FormatError",
 }
 

@@ -38,6 +38,7 @@ from kontext_lora.train.encode import (
 )
 from kontext_lora.train.objective import LatentBatch, flow_matching_loss, sample_sigmas
 from kontext_lora.train.optim import NonFiniteGuard, build_optimizer
+from kontext_lora.train.stop import TrainingStopped, requested, stop_on_signal
 
 
 class TrainingError(RuntimeError):
@@ -162,6 +163,7 @@ def _accelerator(cfg: Config) -> Accelerator:
     )
 
 
+@stop_on_signal  # SIGTERM / SIGINT: checkpoint at the next step boundary, then TrainingStopped
 def fit(
     cfg: Config,
     transformer: torch.nn.Module,
@@ -278,6 +280,13 @@ def fit(
             transformer.train()
         if cfg.output.save_every and step % cfg.output.save_every == 0 and step < cfg.train.steps:
             state.save(step, out_dir, save, cfg.output.keep_last)
+        if step < cfg.train.steps and (signal_name := requested(accelerator)):
+            path = checkpoint.step_dir(out_dir, step)
+            if not (cfg.output.save_every and step % cfg.output.save_every == 0):  # else written just above
+                state.save(step, out_dir, save, cfg.output.keep_last)
+            accelerator.end_training()
+            raise TrainingStopped(f"stopped by {signal_name} at step {step}; checkpoint {path} kept, continue with "
+                                  "train.resume=latest")  # fmt: skip
         tick = time.perf_counter()  # s_per_step times the step itself: not the validation or the save after it
     progress.close()
     final = save(step, out_dir)
