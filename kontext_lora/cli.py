@@ -1,5 +1,5 @@
 """`kontext-lora` command line: train | sweep | preflight | cache | plan | infer | export | merge | resize |
-make-tiny-model | keys."""
+make-tiny-model | ui | keys."""
 
 from __future__ import annotations
 
@@ -135,6 +135,13 @@ def _infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ui(args: argparse.Namespace) -> int:
+    from kontext_lora.ui.app import serve  # needs the [ui] extra
+
+    serve(host=args.host, port=args.port, root=args.root)
+    return 0
+
+
 def _keys(args: argparse.Namespace) -> int:
     from kontext_lora.config import describe_keys
 
@@ -215,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--size", type=int, help="square output side (default: Kontext's preferred ~1 MP size)")
     p.set_defaults(func=_infer)
+
+    p = sub.add_parser("ui", help="local web app: datasets, configs, runs and sweeps under --root")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--root", default=".", help="project folder: the only files the app reads and writes")
+    p.set_defaults(func=_ui)
 
     p = sub.add_parser("keys", help="list every config key with its type, default and doc")
     p.set_defaults(func=_keys)
