@@ -9,7 +9,9 @@ user does (`python -m kontext_lora.cli ui --root <project> --port <free>`), and 
   thumbnails (first)    every thumbnail the page shows, made and cached on disk (sequential requests)
   dataset page (again)  the same page once preflight's result is cached (the files unchanged)
   thumbnails (cached)   every thumbnail again, served from the disk cache
-  page + thumbnails     what a reload costs: the page and its thumbnails, cached
+  page + thumbnails     the page and all its thumbnails, cached, fetched 6 at a time as a browser does
+  browser render        Debian's chromium (if installed) loading the page until its load event: the HTML
+                        and the thumbnails in view (the rest load lazily as the page scrolls), cached
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
 
 
 def make_dataset(folder: Path, pairs: int, side: int) -> None:
@@ -52,6 +56,20 @@ def free_port() -> int:
 def fetch(url: str) -> bytes:
     with urllib.request.urlopen(url, timeout=300) as response:
         return response.read()
+
+
+def browser_render(url: str) -> float:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(url, wait_until="load")  # once, so the browser's own caches are as on a reload
+        start = time.perf_counter()
+        page.goto(url, wait_until="load")
+        seconds = time.perf_counter() - start
+        browser.close()
+    return seconds
 
 
 def timed(function) -> tuple[float, object]:
@@ -102,11 +120,13 @@ def main() -> int:
 
             def reload() -> None:
                 fetch(page_url)
-                for query in thumbs:
-                    fetch(f"{base}/thumb?{query.replace('&amp;', '&')}")
+                with ThreadPoolExecutor(6) as pool:  # a browser's connections per host
+                    list(pool.map(fetch, [f"{base}/thumb?{query.replace('&amp;', '&')}" for query in thumbs]))
 
             seconds, _ = timed(reload)
             rows.append(("page + thumbnails", seconds))
+            if Path(CHROMIUM).is_file():
+                rows.append(("browser render", browser_render(page_url)))
         finally:
             server.terminate()
             server.wait(timeout=30)
