@@ -127,3 +127,13 @@ def test_curves_are_drawn_from_the_points() -> None:
     svg = curves_svg({"train loss": [(1, 2.0), (2, 1.0), (3, 0.5)], "held-out": [(3, 0.7)]})
     assert svg.startswith("<svg") and svg.count("<polyline") == 2 and svg.count("<circle") == 4
     assert "train loss (last 0.5)" in svg
+
+
+def test_a_multi_reference_pair_shows_its_controls_in_id_order(tmp_path: Path) -> None:
+    folder = tmp_path / "refs"
+    shutil.copytree(EXAMPLES, folder)
+    shutil.copytree(folder / "control", folder / "style")
+    view = datasets.view_dataset(Root(tmp_path), "refs", 128, "area", ["control", "style"])
+    coffee = next(row for row in view.rows if row.stem == "coffee")
+    assert coffee.controls == ["refs/control/coffee.jpg", "refs/style/coffee.jpg"]
+    assert coffee.bucket == "128x128 | 128x128, 128x128"
