@@ -1,5 +1,5 @@
 """`kontext-lora` command line: train | sweep | preflight | cache | plan | infer | export | merge | resize |
-make-tiny-model | keys."""
+make-tiny-model | ui | keys."""
 
 from __future__ import annotations
 
@@ -144,6 +144,13 @@ def _infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ui(args: argparse.Namespace) -> int:
+    from kontext_lora.ui.app import serve  # needs the [ui] extra
+
+    serve(host=args.host, port=args.port, root=args.root)
+    return 0
+
+
 def _keys(args: argparse.Namespace) -> int:
     from kontext_lora.config import describe_keys
 
@@ -228,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(auto: the first that fits)")  # fmt: skip
     p.set_defaults(func=_infer)
 
+    p = sub.add_parser("ui", help="local web app: datasets, configs, runs and sweeps under --root")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--root", default=".", help="project folder: the only files the app reads and writes")
+    p.set_defaults(func=_ui)
+
     p = sub.add_parser("keys", help="list every config key with its type, default and doc")
     p.set_defaults(func=_keys)
     for name, (_, _, help_text) in _DELEGATED.items():
@@ -292,6 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt as exc:  # a signal's clean stop (train/stop.py) is one line too; Ctrl-C elsewhere is not
+        stop = sys.modules.get("kontext_lora.train.stop")
+        if stop is None or not isinstance(exc, stop.TrainingStopped):
+            raise
+        print(f"kontext-lora: error: {exc}", file=sys.stderr)
+        return 2
     except UserError as exc:  # every package's user errors derive from it (kontext_lora/errors.py)
         print(f"kontext-lora: error: {exc}", file=sys.stderr)
         return 2

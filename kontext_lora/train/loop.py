@@ -43,6 +43,7 @@ from kontext_lora.train.encode import (
 from kontext_lora.train.job import JOB_NAME, JobLog, JobOutOfMemory, free_accelerator_memory
 from kontext_lora.train.objective import LatentBatch, flow_matching_loss, sample_sigmas
 from kontext_lora.train.optim import NonFiniteGuard, build_optimizer
+from kontext_lora.train.stop import TrainingStopped, requested, stop_on_signal
 
 
 class TrainingError(UserError, RuntimeError):
@@ -183,6 +184,7 @@ def _accelerator(cfg: Config) -> Accelerator:
     )
 
 
+@stop_on_signal  # SIGTERM / SIGINT: checkpoint at the next step boundary, then TrainingStopped
 def fit(
     cfg: Config,
     transformer: torch.nn.Module,
@@ -312,6 +314,13 @@ def _fit(cfg: Config, transformer: torch.nn.Module, encoded: Dataset, accelerato
             if cfg.output.save_every and (step % cfg.output.save_every == 0 or step == cfg.train.steps):
                 with job.phase("save"):  # the last step's too: a resume of a finished run is a no-op
                     state.save(step, out_dir, save, cfg.output.keep_last)
+            if step < cfg.train.steps and (signal_name := requested(accelerator)):
+                path = checkpoint.step_dir(out_dir, step)
+                if not (cfg.output.save_every and step % cfg.output.save_every == 0):  # else written just above
+                    state.save(step, out_dir, save, cfg.output.keep_last)
+                accelerator.end_training()
+                raise TrainingStopped(f"stopped by {signal_name} at step {step}; checkpoint {path} kept, continue "
+                                      "with train.resume=latest")  # fmt: skip
             tick = time.perf_counter()  # s_per_step times the step itself: not the validation or the save after it
         progress.close()
         with job.phase("save"):

@@ -95,7 +95,10 @@ class _Run:
         return self.returncode
 
     def kill(self) -> None:
-        os.kill(self.pid, signal.SIGKILL)
+        self.send(signal.SIGKILL)
+
+    def send(self, signum: int) -> None:
+        os.kill(self.pid, signum)
 
 
 def _kill_when(run: _Run, ready, timeout: float = 60.0) -> None:
