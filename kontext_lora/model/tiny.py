@@ -183,7 +183,7 @@ def build_tiny_editor():
     return pipe
 
 
-def make_tiny_model(directory: str | Path, seed: int = 0, pretrained: bool = False) -> Path:
+def make_tiny_model(directory: str | Path, seed: int = 0, pretrained: bool = True) -> Path:
     """Save the tiny pipeline in diffusers layout at `directory` (atomically: temp dir, rename): the pretrained
     editor (`build_tiny_editor`), or with pretrained=False the random one of `seed` (fast: for unit tests)."""
     from kontext_lora.atomic import atomic_directory
