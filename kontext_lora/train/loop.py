@@ -233,6 +233,9 @@ def fit(
     step = _start_or_resume(cfg, out_dir, state)
     progress = tqdm(total=cfg.train.steps, initial=step, desc="training", unit="step",
                     disable=not accelerator.is_main_process)  # fmt: skip
+    if validator is not None and cfg.validation.at_start and step == 0:  # the base model, as the reference
+        transformer.eval()
+        validator.run(0, accelerator.unwrap_model(transformer), save, ema)
     loss_sum, micro, tick = 0.0, 0, time.perf_counter()
     transformer.train()
     while step < cfg.train.steps:
@@ -283,6 +286,8 @@ def fit(
     final = save(step, out_dir)
     accelerator.end_training()
     accelerator.print(f"[kontext-lora] adapter written to {final}")
+    if validator is not None:
+        accelerator.print(validator.summary(final))
     return final
 
 
