@@ -5,8 +5,8 @@ Usage: python scripts/pretrain_tiny.py [--out kontext_lora/model/tiny_editor] [-
 FLUX.1-Kontext-dev is a pretrained editor: it follows its control image and a LoRA only teaches it a new edit.
 The tiny model the examples and tests build is made to behave like that, in miniature:
 1. the VAE is trained as an autoencoder on 128^2 images (generated shapes and gradients, and crops of the
-   example photos), so that images decode recognisably; its shift_factor / scaling_factor are then calibrated so
-   that latents have mean 0 and std 1, as FLUX.1's constants do for its VAE;
+   example photos), so that images decode to (blurred) approximations of themselves; its shift_factor /
+   scaling_factor are then calibrated so that latents have mean 0 and std 1, as FLUX.1's constants do for its VAE;
 2. the transformer is trained with the project's own Kontext flow-matching objective
    (kontext_lora/train/objective.py) on captioned generic edits of those images: "keep it the same", shifts by
    whole tokens, colour-channel swaps, hue rotation, darker / brighter, warmer / cooler, inverted colours. No edit
