@@ -128,7 +128,7 @@ def _plan(args: argparse.Namespace) -> int:
 def _make_tiny(args: argparse.Namespace) -> int:
     from kontext_lora.model.tiny import make_tiny_model
 
-    print(make_tiny_model(args.dir, seed=args.seed))
+    print(make_tiny_model(args.dir, seed=args.seed, pretrained=not args.random))
     return 0
 
 
@@ -213,9 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     p.set_defaults(func=_plan)
 
-    p = sub.add_parser("make-tiny-model", help="build the tiny random Kontext pipeline in diffusers layout")
+    p = sub.add_parser(
+        "make-tiny-model", help="build the tiny Kontext pipeline (a pretrained editor) in diffusers layout"
+    )
     p.add_argument("dir")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--random", action="store_true", help="random weights instead (smaller, for unit tests)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (with --random)")
     p.set_defaults(func=_make_tiny)
 
     p = sub.add_parser("infer", help="edit an image with the base model and a LoRA")

@@ -48,7 +48,8 @@ def _copy(value: Any) -> Any:
 class ModelConfig:
     pretrained: str = opt(MISSING, "Diffusers folder of FLUX.1-Kontext-dev (or of the embedded tiny model).")
     build_tiny_if_missing: bool = opt(
-        False, "Build the embedded tiny random Kontext pipeline at `pretrained` if the folder does not exist."
+        False,
+        "Build the embedded tiny Kontext pipeline (a pretrained editor) at `pretrained` if the folder does not exist.",
     )
     dtype: str = opt("bfloat16", "Dtype of the frozen weights.", ("float32", "bfloat16", "float16"))
     guidance: float = opt(1.0, "Constant guidance value fed to the guidance-distilled transformer during training.")
@@ -226,6 +227,7 @@ class ValidationExample:
 @dataclass
 class ValidationConfig:
     every: int = opt(0, "Validate every N optimizer steps and at the end (0 disables validation).")
+    at_start: bool = opt(False, "Also validate before the first step: the base model, as a reference for later steps.")
     examples: list[ValidationExample] = opt([], "Configured (control, prompt[, target, mask]) examples.")
     heldout_path: str = opt("", "A dataset folder of held-out triples (same layouts as data.datasets).")
     heldout_count: int = opt(0, "Hold this many triples (seeded pick by train.seed) out of training for validation.")

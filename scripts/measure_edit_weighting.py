@@ -25,7 +25,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            model = make_tiny_model(Path(tmp) / f"tiny-{seed}", seed=seed)
+            model = make_tiny_model(Path(tmp) / f"tiny-{seed}", seed=seed, pretrained=False)
             results = measure(model, Path(tmp) / f"run-{seed}", args.steps, args.lr)
             rows += [(seed, name, edited, rest) for name, (edited, rest) in results.items()]
     print(f"\n{args.steps} steps, lr {args.lr}: held-out MSE by region (edited = 1 of 16 tokens)")

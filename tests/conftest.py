@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny Kontext pipeline saved once per test session, in diffusers layout."""
+"""Shared fixtures: the tiny random Kontext pipeline saved once per test session, in diffusers layout."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ EXAMPLES = REPO / "data_examples" / "bw"
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from kontext_lora.model.tiny import make_tiny_model
 
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-kontext")
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-kontext", pretrained=False)
 
 
 @pytest.fixture

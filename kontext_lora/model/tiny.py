@@ -1,8 +1,12 @@
-"""The embedded tiny FLUX.1-Kontext pipeline: every real component class, random weights, built offline.
+"""The embedded tiny FLUX.1-Kontext pipeline: every real component class, built offline.
 
 It exists so the real loading code (`from_pretrained` on a local diffusers folder) runs end to end with
-nothing downloaded: the example job, the tests and CI all use it. Tokenizers are constructed from a small
-character vocabulary instead of the hub's files.
+nothing downloaded: the example job, the tests and CI all use it. Two variants:
+- the pretrained editor (`build_tiny_editor`, the default of `make_tiny_model`): weights shipped in tiny_editor/,
+  made by scripts/pretrain_tiny.py; like FLUX.1-Kontext-dev it already follows its control image, so a LoRA only
+  has to teach it a new edit (the example job's "make it black and white");
+- the random one (`build_tiny_pipeline`): smaller and instant, for unit tests that need speed, not learning.
+Tokenizers are constructed from a small character vocabulary instead of the hub's files.
 """
 
 from __future__ import annotations
@@ -27,6 +31,37 @@ TINY_TRANSFORMER = dict(
     guidance_embeds=True,  # Kontext-dev is guidance-distilled
     axes_dims_rope=(4, 14, 14),
 )
+
+# The random VAE: four resolution levels keep the real 8x spatial compression, so pixel sizes match the real
+# model's rules.
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(16, 16, 32, 32),
+    layers_per_block=1,
+    latent_channels=16,
+    norm_num_groups=8,
+    sample_size=64,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+
+# The pretrained tiny editor (weights in tiny_editor/, made by scripts/pretrain_tiny.py): the random model's
+# transformer, and a VAE deep enough to reconstruct 128^2 photos recognisably.
+EDITOR_TRANSFORMER = dict(TINY_TRANSFORMER)
+EDITOR_WEIGHTS = Path(__file__).resolve().parent / "tiny_editor"
+EDITOR_COMPONENTS = ("vae", "transformer", "text_encoder", "text_encoder_2")  # one float16 .safetensors each
+# No attention in its mid block: purely convolutional, it trains on small crops and works at any size. One norm
+# group: a GroupNorm of one channel per group would normalise away each channel's mean, i.e. an image's colour.
+EDITOR_VAE = {
+    **TINY_VAE,
+    "block_out_channels": (8, 16, 32, 64),
+    "norm_num_groups": 1,
+    "mid_block_add_attention": False,
+    "sample_size": 128,
+}
 
 
 def _clip_tokenizer():
@@ -71,27 +106,15 @@ def _calibrate_vae(vae, samples: int = 32, size: int = 64) -> None:
     vae.register_to_config(shift_factor=round(raw.mean().item(), 6), scaling_factor=round(1.0 / raw.std().item(), 6))
 
 
-def build_tiny_pipeline(seed: int = 0):
-    """Construct a tiny random `FluxKontextPipeline` in memory (float32)."""
+def build_tiny_pipeline(seed: int = 0, transformer_config: dict | None = None, vae_config: dict | None = None):
+    """Construct a tiny random `FluxKontextPipeline` in memory (float32); the configs default to the fast random
+    model's (TINY_TRANSFORMER, TINY_VAE)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(**TINY_TRANSFORMER)
-    # Four resolution levels keep the real 8x spatial compression, so pixel sizes match the real model's rules.
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 32, 32),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=8,
-        sample_size=64,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    transformer = FluxTransformer2DModel(**(transformer_config or TINY_TRANSFORMER))
+    vae = AutoencoderKL(**(vae_config or TINY_VAE))
     _calibrate_vae(vae)
     tokenizer = _clip_tokenizer()
     clip_config = CLIPTextConfig(
@@ -140,16 +163,42 @@ def build_tiny_pipeline(seed: int = 0):
     )
 
 
-def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:
-    """Build the tiny pipeline and save it in diffusers layout at `directory` (atomically: temp dir, rename)."""
+def build_tiny_editor():
+    """The tiny pretrained editor in memory (float32): the EDITOR_* architectures with the weights shipped in
+    tiny_editor/ (scripts/pretrain_tiny.py made them). Its VAE decodes 128^2 images recognisably and its
+    transformer follows the control image (copies, shifts and recolours it on caption), as FLUX.1-Kontext-dev does;
+    it was never shown a black-and-white edit."""
+    from safetensors import safe_open
+
+    pipe = build_tiny_pipeline(0, EDITOR_TRANSFORMER, EDITOR_VAE)
+    for name in EDITOR_COMPONENTS:
+        with safe_open(str(EDITOR_WEIGHTS / f"{name}.safetensors"), "pt") as handle:
+            state = {key: handle.get_tensor(key).float() for key in handle.keys()}  # noqa: SIM118
+            metadata = handle.metadata() or {}
+        getattr(pipe, name).load_state_dict(state, strict=True)
+        if name == "vae":  # calibrated by the pretraining script: latents of mean 0 and std 1
+            pipe.vae.register_to_config(
+                shift_factor=float(metadata["shift_factor"]), scaling_factor=float(metadata["scaling_factor"])
+            )
+    return pipe
+
+
+def make_tiny_model(directory: str | Path, seed: int = 0, pretrained: bool = True) -> Path:
+    """Save the tiny pipeline in diffusers layout at `directory` (atomically: temp dir, rename): the pretrained
+    editor (`build_tiny_editor`), or with pretrained=False the random one of `seed` (fast: for unit tests)."""
     from kontext_lora.atomic import atomic_directory
 
     directory = Path(directory)
-    pipe = build_tiny_pipeline(seed)
+    pipe = build_tiny_editor() if pretrained else build_tiny_pipeline(seed)
     with atomic_directory(directory) as tmp:
         pipe.save_pretrained(tmp)
+        what = (
+            "the tiny pretrained editor (weights from scripts/pretrain_tiny.py; it copies, shifts and recolours its "
+            "control image)"
+            if pretrained
+            else f"random weights (seed {seed})"
+        )
         (tmp / "KONTEXT_LORA_TINY.txt").write_text(
-            "Tiny random FLUX.1-Kontext pipeline built by `kontext-lora make-tiny-model` (seed "
-            f"{seed}). Random weights: for tests and examples only.\n"
+            f"Tiny FLUX.1-Kontext pipeline built by kontext-lora: {what}. For tests and examples only.\n"
         )
     return directory

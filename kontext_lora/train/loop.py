@@ -266,6 +266,8 @@ def _fit(cfg: Config, transformer: torch.nn.Module, encoded: Dataset, accelerato
     step = _start_or_resume(cfg, out_dir, state)
     progress = progress_bar(total=cfg.train.steps, initial=step, desc="training", unit="step",
                             show=accelerator.is_main_process)  # fmt: skip
+    if validator is not None and cfg.validation.at_start and step == 0:  # the base model, as the reference
+        _validate(validator, transformer, 0, save, ema, job, accelerator, final=False)
     loss_sum, micro, tick, first = 0.0, 0, time.perf_counter(), step
     step_start = batches.consumed  # the data position a checkpoint written after an out-of-memory error records
     transformer.train()
@@ -338,6 +340,8 @@ def _fit(cfg: Config, transformer: torch.nn.Module, encoded: Dataset, accelerato
     comfyui = final.parent / export_file_names(Path(cfg.output.dir).name)["comfyui"]
     if comfyui.is_file():
         accelerator.print(f"[kontext-lora] {comfyui_note(str(comfyui), cfg.lora.rank, cfg.lora.alpha)}")
+    if validator is not None:
+        accelerator.print(validator.summary(final))
     return final
 
 

@@ -6,9 +6,10 @@ Every `validation.every` steps (and at the end) the `Validator`
 - samples each item (up to `validation.max_images`) with a FluxKontextPipeline built around the training
   transformer (LoRA active, eval mode) and the run's VAE and scheduler, and writes control | output | target grids
   to <output.dir>/validation/step-NNNNNN/ and to the trackers (tensorboard / wandb);
-- measures the edit: `edit_l1` and `edit_psnr` of the output against the target (pixels in [0, 1]) and
+- measures the edit: `edit_l1` and `edit_psnr` of the output against the target (pixels in [0, 1]),
   `edit_outside_change`, the mean change of the output against the control outside the edit region (the item's
-  mask, else the pixels where target and control differ by more than `EDIT_THRESHOLD`);
+  mask, else the pixels where target and control differ by more than `EDIT_THRESHOLD`), and `edit_saturation`,
+  the outputs' mean colour saturation (`saturation`: 0 for black and white);
 - appends {"step", "heldout_loss", "edit_*"} to metrics.jsonl and keeps the best step by `validation.best_metric`
   in best/ (adapter) and best.json.
 
@@ -35,6 +36,7 @@ from PIL import Image
 
 from kontext_lora.config import Config
 from kontext_lora.data.triples import DataError, Triple, discover_triples, image_to_tensor, load_image
+from kontext_lora.export.formats import export_file_names
 from kontext_lora.model.load import encode_captions, encode_images
 from kontext_lora.progress import progress_bar
 from kontext_lora.train import checkpoint
@@ -119,6 +121,7 @@ class Validator:
             generator = torch.Generator().manual_seed(cfg.validation.seed)
             self.loss_noise = torch.randn(target_latents.shape, generator=generator)  # (N_t, 16, h, w)
         self.best = _read_best(self.out_dir, cfg.validation.best_metric)
+        self.records: list[dict[str, Any]] = []  # this run's records, in step order (for `summary`)
 
     # ----------------------------------------------------------------------------------------------- running
 
@@ -143,7 +146,32 @@ class Validator:
                 handle.write(json.dumps(record) + "\n")
         self.accelerator.log({f"val/{k}": v for k, v in record.items() if k != "step" and v is not None}, step=step)
         self._update_best(step, record, save_adapter)
+        self.records.append(record)
         return record
+
+    def summary(self, adapter: Path) -> str:
+        """A few lines for the end of a run: held-out loss and edit metrics at the first and the last validation of
+        this run, and where the grids, the adapter and its exports are."""
+        lines = []
+        if self.records:
+            first, last = self.records[0], self.records[-1]
+            lines.append(f"validation, step {first['step']} -> {last['step']}:")
+            for key in ("heldout_loss", "edit_psnr", "edit_l1", "edit_saturation"):
+                if first.get(key) is not None and last.get(key) is not None:
+                    change = f" ({last[key] / first[key] - 1:+.0%})" if first[key] else ""
+                    lines.append(f"  {key:16s} {first[key]:9.4f} -> {last[key]:9.4f}{change}")
+            grids = self.out_dir / VALIDATION_DIR
+            lines.append(f"  grids (control | output | target): {grids}/step-{first['step']:06d}/ .. "
+                         f"step-{last['step']:06d}/")  # fmt: skip
+        lines.append(f"adapter: {adapter}")
+        names = export_file_names(self.out_dir.name)
+        exports = [str(self.out_dir / names[fmt]) for fmt in self.cfg.output.export_formats if fmt != "diffusers"]
+        if exports:
+            lines.append(f"exports: {', '.join(exports)} (and README.md, the model card)")
+        if self.best is not None:
+            lines.append(f"best ({self.best['metric']} {self.best['value']:.4f}, step {self.best['step']}): "
+                         f"{self.out_dir / BEST_DIR}/")  # fmt: skip
+        return "\n".join(lines)
 
     @property
     def _sharing(self) -> int:
@@ -219,6 +247,7 @@ class Validator:
     # ------------------------------------------------------------------------------------------------ metrics
 
     def _edit_metrics(self, outputs: list[np.ndarray]) -> dict[str, float | None]:
+        record = {"edit_saturation": float(np.mean([saturation(output) for output in outputs]))} if outputs else {}
         l1, mse, outside = [], [], []
         for item, output in zip(self.items, outputs, strict=False):
             if item.target is None:
@@ -230,12 +259,13 @@ class Validator:
             if (~edited).any():
                 outside.append(float(np.abs(output - control)[~edited].mean()))
         if not l1:
-            return {}
+            return record
         psnr = [10.0 * math.log10(1.0 / max(m, 1e-10)) for m in mse]
         return {
             "edit_l1": float(np.mean(l1)),
             "edit_psnr": float(np.mean(psnr)),
             "edit_outside_change": float(np.mean(outside)) if outside else None,
+            **record,
         }
 
     def _write_grids(self, step: int, outputs: list[np.ndarray]) -> None:
@@ -279,6 +309,13 @@ class Validator:
             path = self.out_dir / BEST_JSON
             (self.out_dir / f".{BEST_JSON}.tmp").write_text(json.dumps(self.best, indent=2))
             os.replace(self.out_dir / f".{BEST_JSON}.tmp", path)
+
+
+def saturation(image: np.ndarray) -> float:
+    """Mean colour saturation of an (H, W, 3) image in [0, 1]: the chroma max - min over RGB, 0 for a grey pixel.
+
+    Chroma rather than HSV's (max - min) / max, which blows up the noise of near-black pixels (dark photos)."""
+    return float((image.max(axis=-1) - image.min(axis=-1)).mean())
 
 
 def _read_best(out_dir: Path, metric: str) -> dict[str, Any] | None:

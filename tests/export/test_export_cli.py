@@ -112,7 +112,7 @@ def test_merge_main_writes_a_loadable_transformer(adapter_case: AdapterCase, tmp
 
     from kontext_lora.model.tiny import make_tiny_model
 
-    base = make_tiny_model(tmp_path / "tiny", seed=0)
+    base = make_tiny_model(tmp_path / "tiny", seed=0, pretrained=False)
     out = tmp_path / "merged"
     args = ["--base", str(base), "--lora", f"{adapter_case.path}:1.0", "--out", str(out), "--dtype", "float32"]
     assert merge_main(args) == 0

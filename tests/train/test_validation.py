@@ -161,3 +161,34 @@ def test_config_errors_name_the_key(overrides: list[str], message: str) -> None:
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, ["model.pretrained=x", "data.datasets=[{path: d}]", *overrides])
+
+
+def test_at_start_validates_the_base_and_the_run_ends_with_a_summary(tiny_model_dir: Path, tmp_path: Path,
+                                                                      capsys) -> None:  # fmt: skip
+    cfg = _config(tiny_model_dir, tmp_path, "run", "train.steps=2", "validation.at_start=true", "output.save_every=0",
+                  "logging.report_to=none", "output.export_formats=[kohya]")  # fmt: skip
+    pipe = load_pipeline(cfg.model)
+    encoded = encode_dataset(pipe, TripleDataset(discover_triples(EXAMPLES)[:2], RES), 8, show_progress=False)
+    final = fit(cfg, pipe.transformer, encoded, pipeline=pipe)
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    validation = [r for r in records if "heldout_loss" in r]
+    assert [r["step"] for r in validation] == [0, 2]  # the base before the first step, then every 2 steps
+    assert (run / "validation" / "step-000000" / "heldout-chelsea.png").is_file()
+    for record in validation:
+        assert 0 < record["edit_saturation"] < 1
+    out = capsys.readouterr().out
+    summary = out[out.index("validation, step 0 -> 2:") :]
+    first, last = validation
+    assert f"heldout_loss     {first['heldout_loss']:9.4f} -> {last['heldout_loss']:9.4f}" in summary
+    assert f"adapter: {final}" in summary and str(run / "run_kohya.safetensors") in summary
+
+
+def test_saturation_is_the_mean_chroma() -> None:
+    from kontext_lora.train.validation import saturation
+
+    grey = np.full((4, 4, 3), 0.3, dtype=np.float32)
+    red = np.zeros((4, 4, 3), dtype=np.float32)
+    red[..., 0] = 0.8
+    assert saturation(grey) == 0.0 and saturation(red) == pytest.approx(0.8)
+    assert saturation(np.concatenate([grey, red])) == pytest.approx(0.4)
