@@ -535,7 +535,6 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "speed.checkpoint_fraction": (0, 1, True, True),
     "speed.activation_budget": (0, 1, True, True),
     "memory.block_swap": (0, None, True, True),
-    "memory.budget_gib": (0, None, True, True),
     "lora.rank_pattern{}": (0, None, False, True),
     "lora.alpha_pattern{}": (0, None, False, True),
 }

@@ -116,7 +116,7 @@ def test_plan_command_prints_the_candidates_and_the_overrides(tmp_path: Path, ca
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| none |")]
     assert len(rows) == 20 and min(int(row[1]) for row in rows) > 0  # bf16 (22 GiB of weights) fits only by swapping
     assert main(["plan", "--config", str(config), "--vram", "3"]) == 2  # nothing fits: one line, exit 2
-    assert "kontext-lora: error: config key `memory.budget_gib`: nothing fits 3 GiB" in capsys.readouterr().err
+    assert "kontext-lora: error: --vram: nothing fits 3 GiB" in capsys.readouterr().err
 
 
 def test_budget_applies_the_plan_and_the_run_records_it(tiny_model_dir: Path, tmp_path: Path, one_thread) -> None:
@@ -355,7 +355,8 @@ def _synthetic_tiers(calib: dict) -> dict:
     """A bench_e2e.py-shaped JSON whose phase peaks are the planner's own prediction under `calib`."""
     from kontext_lora.config import to_dict
 
-    examples = ["validation.examples=[{control: c.png, prompt: p}]", "validation.best_metric=none"]  # batch 1
+    control = Path(__file__).resolve().parents[1] / "data_examples" / "bw" / "control" / "coffee.jpg"
+    examples = [f"validation.examples=[{{control: {control}, prompt: p}}]", "validation.best_metric=none"]  # batch 1
     mm = lambda budget: Knobs("fp8", 0, False, 1.0, "auto", budget, True).overrides()  # noqa: E731
     specs = {
         "bf16-1024-val8": ["data.resolution=1024", "validation.every=10", "validation.heldout_count=8",

@@ -106,6 +106,8 @@ def test_wandb_sweep_file_gives_wandb_agents_the_same_run_configs(
         agent_cfg = load_config(base, args["args_no_hyphens"])
         assert (agent_cfg.logging.report_to, agent_cfg.logging.wandb_mode) == ("wandb", "online")
         agent_cfg.logging = item.config.logging  # the sweep's own runs log where the base config says
+        # A sweep retrains its own unfinished runs in place (output.overwrite); an agent's run has a new folder.
+        agent_cfg.output.overwrite = item.config.output.overwrite
         assert agent_cfg == item.config
 
     random_file = tmp_path / "random.yaml"

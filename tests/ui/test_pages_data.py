@@ -35,7 +35,7 @@ def test_the_form_has_a_field_for_every_key_with_its_doc_and_choices() -> None:
 def test_an_untouched_form_is_the_file_and_a_change_is_one_override() -> None:
     values, error = forms.file_values(TINY)
     assert error == ""
-    assert values["lora.rank"] == 16 and values["train.steps"] == 600  # base.yaml through extends:, then the file
+    assert values["lora.rank"] == 16 and values["train.steps"] == 300  # base.yaml through extends:, then the file
     form = _form(values)
     assert forms.overrides_from_form(form, values) == []
     form.update({"lora.rank": "8", "output.dir": "123", "ema.enabled": "true"})
