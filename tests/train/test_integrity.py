@@ -29,7 +29,7 @@ from kontext_lora.data.cache import DiskCache, folder_identity, tensor_digest
 from kontext_lora.train import checkpoint
 
 from ..conftest import EXAMPLES
-from .test_resume import _Run
+from .test_resume import _assert_bit_identical, _Run, _tensors
 
 STEPS = 4
 ADAPTER = "pytorch_lora_weights.safetensors"
@@ -77,18 +77,6 @@ def reference(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     assert _train(_config(root / "reference.yaml", tiny_model_dir, run)) == 0
     _torch.set_num_threads(threads)
     return Reference(tiny_model_dir, run, root)
-
-
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    with safe_open(str(path), framework="pt") as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}
-
-
-def _assert_same_tensors(a: Path, b: Path) -> None:
-    first, second = _tensors(a), _tensors(b)
-    assert set(first) == set(second)
-    for key in first:
-        assert torch.equal(first[key].view(torch.int32), second[key].view(torch.int32)), f"{a.name}: {key}"
 
 
 def _steps(run: Path) -> list[int]:
@@ -172,8 +160,8 @@ def test_damaged_newest_checkpoint_is_skipped_and_the_run_ends_as_the_uninterrup
     warnings = [line for line in err.splitlines() if "is damaged" in line]
     assert len(warnings) == 1 and str(newest / name) in warnings[0], err
     assert "Traceback" not in err
-    _assert_same_tensors(run / ADAPTER, reference.run / ADAPTER)
-    _assert_same_tensors(run / EMA, reference.run / EMA)
+    _assert_bit_identical(run / ADAPTER, reference.run / ADAPTER)
+    _assert_bit_identical(run / EMA, reference.run / EMA)
     assert _steps(run) == list(range(1, STEPS + 1))  # the log continues from step 2, each step once
     checkpoint.verify(newest)  # written again, whole, when the run reached that step again
 
@@ -203,7 +191,7 @@ def test_resume_of_a_finished_run_changes_nothing(reference: Reference, tmp_path
     run, config = _copy(reference, tmp_path)
     assert _train(config) == 0
     assert "resumed from" in capsys.readouterr().out
-    _assert_same_tensors(run / ADAPTER, reference.run / ADAPTER)
+    _assert_bit_identical(run / ADAPTER, reference.run / ADAPTER)
     assert _steps(run) == list(range(1, STEPS + 1))  # no step trained again
 
 
@@ -217,7 +205,7 @@ def test_a_finished_run_is_refused_without_resume_and_overwrite_clears_it(refere
     assert f"output.dir {run} holds a finished run" in line and "output.overwrite=true" in line
     assert _train(config, "train.resume=''", "output.overwrite=true") == 0
     assert not (run / "best").exists() and not (run / "best.json").exists()  # nothing of the other run is kept
-    _assert_same_tensors(run / ADAPTER, reference.run / ADAPTER)
+    _assert_bit_identical(run / ADAPTER, reference.run / ADAPTER)
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -231,8 +219,8 @@ def _rerun_on_damaged_cache(reference: Reference, tmp_path: Path, damage, capsys
     capsys.readouterr()
     assert _train(_config(tmp_path / "job.yaml", reference.model, tmp_path / "run", cache=cache)) == 0
     out, err = capsys.readouterr()
-    _assert_same_tensors(tmp_path / "run" / ADAPTER, reference.run / ADAPTER)
-    _assert_same_tensors(tmp_path / "run" / EMA, reference.run / EMA)
+    _assert_bit_identical(tmp_path / "run" / ADAPTER, reference.run / ADAPTER)
+    _assert_bit_identical(tmp_path / "run" / EMA, reference.run / EMA)
     return out + err
 
 
@@ -323,7 +311,7 @@ def test_two_concurrent_runs_into_one_folder_exactly_one_trains(reference: Refer
     )
     assert first.wait(timeout=120) == 0, (tmp_path / "first.log").read_text()[-3000:]
     assert _steps(run) == list(range(1, STEPS + 1))
-    _assert_same_tensors(run / ADAPTER, reference.run / ADAPTER)
+    _assert_bit_identical(run / ADAPTER, reference.run / ADAPTER)
     assert not (run / checkpoint.LOCK_NAME).exists()
 
 
