@@ -44,8 +44,8 @@ def run_inference(
     _check_inputs(Path(model), None if lora is None else Path(lora))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     _check_arguments(image, out, steps, guidance, scale, size)  # before the model loads: one line, at once
-    if lora is not None:
-        _check_lora_file(Path(lora))
+    if lora is not None:  # a folder holds its file under diffusers' name (_check_inputs has checked it is there)
+        _check_lora_file(Path(lora) / LORA_WEIGHTS_NAME if Path(lora).is_dir() else Path(lora))
     pipe = load_pipeline(ModelConfig(pretrained=str(model), dtype=dtype))
     if lora is not None:
         pipe.load_lora_weights(str(lora), adapter_name="kontext_lora")

@@ -28,7 +28,7 @@ from kontext_lora.export.formats import export_file_names, read_adapter, write_e
 from kontext_lora.model.load import load_transformer, prepare_model_folder
 from kontext_lora.model.lora import adapter_state, inject_lora, load_adapter_state, lora_parameters
 from kontext_lora.model.quant import quantization_report
-from kontext_lora.model.speed import apply_memory_and_speed
+from kontext_lora.model.speed import apply_memory_and_speed, validation_mode
 from kontext_lora.planner import apply_budget
 from kontext_lora.progress import progress_bar
 from kontext_lora.train import checkpoint
@@ -347,8 +347,6 @@ def _fit(cfg: Config, transformer: torch.nn.Module, encoded: Dataset, accelerato
 
 def _validate(validator, transformer, step: int, save, ema, job: JobLog, accelerator: Accelerator, final: bool):
     """Run validation in eval mode as its own job phase, on the eager model (`validation_mode`)."""
-    from kontext_lora.model.speed import validation_mode
-
     transformer.eval()
     with job.phase("validation"), validation_mode(release_compiled=final):
         validator.run(step, accelerator.unwrap_model(transformer), save, ema)
