@@ -275,17 +275,19 @@ def enable_block_swap(transformer: torch.nn.Module, count: int, device: torch.de
             for tensor in _frozen_plain(module):
                 owners.setdefault(tensor.untyped_storage().data_ptr(), set()).add(-1)
     for index, block in enumerate(blocks):
-        if index in chosen:
-            _to_device_tensors(block, device)
         for tensor in _frozen_plain(block):
             owners.setdefault(tensor.untyped_storage().data_ptr(), set()).add(index)
     swap = _BlockSwap(chosen, device)
     registered: list[int] = []
+    # One block at a time: a block still on the CPU is copied to the device and its storage freed into the pinned
+    # buffer before the next one comes, so the device never holds more than the resident model and one block.
     for index, block in chosen.items():
+        _to_device_tensors(block, device)
         own: dict[int, torch.UntypedStorage] = {}
         for tensor in _frozen_plain(block):
             storage = tensor.untyped_storage()
-            if owners[storage.data_ptr()] == {index} and storage.nbytes() > 0:
+            # A pointer not seen above is a fresh copy from the CPU: this block's alone.
+            if owners.get(storage.data_ptr(), {index}) == {index} and storage.nbytes() > 0:
                 own.setdefault(storage.data_ptr(), storage)
         sizes = [storage.nbytes() for storage in own.values()]
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
@@ -294,6 +296,8 @@ def enable_block_swap(transformer: torch.nn.Module, count: int, device: torch.de
             _Storage(storage, host[offset : offset + size])
             for storage, offset, size in zip(own.values(), offsets, sizes, strict=True)
         ]
+        for pointer in own:  # freed now: a later block's fresh copy may reuse the address
+            owners.pop(pointer, None)
         setattr(block, _SWAP_ATTR, (swap, index))
         block.__class__ = _swapped_class(type(block))
     if registered:  # runs before the swap's host buffers are freed

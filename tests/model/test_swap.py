@@ -207,3 +207,34 @@ def test_enable_block_swap_alone_frees_after_backward_with_keyword_calls(baselin
     grads = torch.cat([p.grad.flatten() for p in lora_parameters(transformer)])
     assert loss.item() == baseline[0][0] and torch.equal(grads, baseline[0][1])
     assert [_frozen_bytes(b) == 0 for b in transformer_blocks(transformer)] == [False, True, False, True]
+
+
+def test_swap_setup_frees_each_block_before_taking_the_next(monkeypatch) -> None:
+    """Enabling swap on a base that fits only once swapped: when block k's weights come to the device, every block
+    swapped before it has already given its device memory back (its storage is empty)."""
+    import kontext_lora.model.swap as swap_module
+
+    cfg = load_config(None, [*BASE, *SWAP_BASE])
+    torch.manual_seed(0)
+    from diffusers import FluxTransformer2DModel
+
+    from kontext_lora.model.lora import inject_lora
+    from tests.model.tiny_lora import TINY_TRANSFORMER
+
+    transformer = FluxTransformer2DModel(**TINY_TRANSFORMER).to(torch.bfloat16)
+    inject_lora(transformer, cfg.lora)
+    blocks = transformer_blocks(transformer)
+    seen: list[int] = []
+    still_held: list[int] = []
+    original = swap_module._to_device_tensors
+
+    def spy(block: torch.nn.Module, device: torch.device) -> None:
+        still_held.append(sum(_frozen_bytes(blocks[i]) > 0 for i in seen))
+        seen.append(next(i for i, b in enumerate(blocks) if b is block))
+        original(block, device)
+
+    monkeypatch.setattr(swap_module, "_to_device_tensors", spy)
+    swapped = enable_block_swap(transformer, 3, CPU)
+    assert seen == swapped and len(seen) == 3
+    assert still_held == [0, 0, 0]
+    assert all(_frozen_bytes(blocks[i]) == 0 for i in swapped)
