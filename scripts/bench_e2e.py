@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import statistics
@@ -167,6 +168,7 @@ def run_tier(name: str, args: argparse.Namespace, work: Path) -> dict:
         config_path = run_dir / "run" / "config.yaml"
         record["config"] = yaml.safe_load(config_path.read_text()) if config_path.is_file() else None
         record["plan"] = _plan_line(log)
+        record["predicted_device_peak_gib"] = _predicted_device_peak(record["plan"])
         adapter = run_dir / "run" / "pytorch_lora_weights.safetensors"
         if code == 0 and adapter.is_file():
             start = time.time()
@@ -186,6 +188,8 @@ def run_tier(name: str, args: argparse.Namespace, work: Path) -> dict:
         record["error"] = last_error(log)
     peaks = [p.get("device_peak_gib") or 0.0 for p in record["phases"].values()]
     record["device_peak_gib"] = max(peaks) if peaks else None
+    if record["device_peak_gib"] and record["predicted_device_peak_gib"]:  # the planner against the device
+        record["prediction_error"] = round(record["predicted_device_peak_gib"] / record["device_peak_gib"] - 1, 3)
     return record
 
 
@@ -209,8 +213,14 @@ def _plan_line(log: Path) -> str | None:
     return lines[-1] if lines else None
 
 
+def _predicted_device_peak(line: str | None) -> float | None:
+    """The device peak the planner predicted, from its plan line ("... GiB on the device")."""
+    found = re.search(r"([\d.]+) GiB on the device", line or "")
+    return float(found.group(1)) if found else None
+
+
 def table(records: list[dict]) -> str:
-    head = ["tier", "status", *PHASES, "s/step", "device peak", "limit"]
+    head = ["tier", "status", *PHASES, "s/step", "device peak", "predicted", "limit"]
     rows = [head]
     for rec in records:
         cells = [rec["tier"], rec["status"]]
@@ -223,6 +233,9 @@ def table(records: list[dict]) -> str:
             cells.append(f"{entry['wall_s']:.1f}s" + (f" {peak:.1f}G" if peak else ""))
         cells.append(f"{rec['metrics'].get('s_per_step', float('nan')):.3f}")
         cells.append(f"{rec.get('device_peak_gib') or 0:.1f} GiB")
+        error = rec.get("prediction_error")
+        predicted = rec.get("predicted_device_peak_gib")
+        cells.append(f"{predicted:.1f} GiB ({error:+.0%})" if predicted and error is not None else "-")
         cells.append(f"{rec['cap_gib']:g} GiB" if rec["cap_gib"] else "-")
         rows.append(cells)
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]

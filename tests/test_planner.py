@@ -346,7 +346,8 @@ def test_auto_budget_plans_for_the_free_memory_of_the_device(monkeypatch) -> Non
     pred = predict(planned)
     assert pred.fits(budget) and len(lines) == 1
     assert lines[0].startswith(f"[kontext-lora] plan for {budget:.1f} GiB (auto: free memory of NVIDIA GeForce RTX")
-    assert " ".join(pred.knobs.overrides()) in lines[0] and f"peak {pred.peak_gib:.1f} GiB ({pred.binding})" in lines[0]
+    assert " ".join(pred.knobs.overrides()) in lines[0]
+    assert f"peak {pred.peak_gib:.1f} GiB ({pred.binding}; {pred.device_peak_gib:.1f} GiB on the device)" in lines[0]
     fraction[0] = 0.5  # a per-process cap below the free memory is the budget
     assert resolve_budget(example)[0] == pytest.approx(0.5 * total / GIB - margin)
 

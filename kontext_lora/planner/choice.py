@@ -201,7 +201,8 @@ def resolve_budget(cfg: Config) -> tuple[float, str] | None:
 def plan_line(pred: Prediction, budget_gib: float, source: str) -> str:
     """The chosen plan in one line: its keys, the job's peak and the phase that binds, s/step."""
     return (f"[kontext-lora] plan for {budget_gib:.1f} GiB ({source}): {' '.join(pred.knobs.overrides())} -> peak "
-            f"{pred.peak_gib:.1f} GiB ({pred.binding}), {pred.s_per_step:.2f} s/step")  # fmt: skip
+            f"{pred.peak_gib:.1f} GiB ({pred.binding}; {pred.device_peak_gib:.1f} GiB on the device), "
+            f"{pred.s_per_step:.2f} s/step")  # fmt: skip
 
 
 def apply_budget(

@@ -197,6 +197,12 @@ class Prediction:
     time_s: dict[str, float] = field(default_factory=dict)  # the step time's components
     phases: dict[str, Phase] = field(default_factory=dict)  # every phase, `infer` included
     binding: str = "train"  # the job phase with the largest peak
+    context_gib: float = 0.0  # memory outside the caching allocator (the calibration's cuda_context_gib)
+
+    @property
+    def device_peak_gib(self) -> float:
+        """What the device shows at the job's peak: the allocator's peak plus the CUDA context."""
+        return self.peak_gib + self.context_gib
 
     @property
     def step_peak_gib(self) -> float:
@@ -435,4 +441,5 @@ def predict(
         time_s=time,
         phases=phases,
         binding=binding,
+        context_gib=calib["job"].get("cuda_context_gib", {}).get("value", 0.0),
     )
