@@ -81,7 +81,9 @@ def test_plan_fits_the_budget_and_says_when_nothing_does(tiny_model_dir: Path) -
     assert predict(planned).peak_gib == pytest.approx(pred.peak_gib)  # the returned config carries the knobs
     assert pred.knobs.base_quant == "none"  # bf16 fits 24 GiB at a speed within the tolerance: no quantization
     small, pred_small = plan(load_config(None, [*POINT_BASE, "data.resolution=512"]), 12.0)
-    assert pred_small.peak_gib <= 12.0 and small.memory.base_quant != "none"  # bf16 weights alone are 22 GiB
+    # bf16 weights alone are 22 GiB: 12 GiB at 512^2 is met by swapping most blocks out (or by quantizing)
+    assert pred_small.peak_gib <= 12.0 and pred_small.s_per_step <= 1.0
+    assert small.memory.block_swap > 0 or small.memory.base_quant != "none"
     with pytest.raises(ConfigError, match=r"memory.budget_gib.*nothing fits 4 GiB"):
         plan(flux, 4.0)
     tiny = _tiny(tiny_model_dir)
@@ -189,6 +191,10 @@ def test_fp8_matmuls_are_planned_where_measured_and_only_when_worth_their_roundi
     assert budget45.peak_gib == pytest.approx(39.0, rel=0.02) and 0.72 < budget45.s_per_step < 0.78
     accumulating = load_config(None, [*POINT_BASE, "data.resolution=1024", "train.gradient_accumulation=2"])
     assert not any(p.knobs.fp8_matmuls for p in candidates(accumulating, 48.0, fp8_matmuls=True))
+    # A config that keeps gradient checkpointing on gets no fp8 matmuls: a CUDA graph fails to record a checkpoint.
+    checkpointed = load_config(None, [*POINT_BASE, "data.resolution=1024", "train.gradient_checkpointing=true"])
+    assert candidates(checkpointed, 48.0, fp8_matmuls=True)
+    assert not any(p.knobs.fp8_matmuls for p in candidates(checkpointed, 48.0, fp8_matmuls=True))
 
     planned, pred = plan(flux, 48.0, fp8_matmuls=True)
     assert pred.knobs.fp8_matmuls and pred.fits(48.0) and Knobs.of(planned) == pred.knobs
@@ -401,8 +407,7 @@ def test_fit_job_recovers_the_phase_constants_from_whole_job_measurements(tmp_pa
         true[key] = start[key] * factor
     true.update(held_cuda_graphs=start["held_cuda_graphs"] + 0.6, held_compiled=start["held_compiled"] + 0.1,
                 train_reserve=start["train_reserve"] + 0.03, cache_overhead=start["cache_overhead"] + 0.3 * GIB,
-                validation_overhead=start["validation_overhead"] + 0.2 * GIB,
-                infer_overhead=start["infer_overhead"] + 0.4 * GIB)  # fmt: skip
+                validation_overhead=start["validation_overhead"] + 0.2 * GIB)  # fmt: skip
     bench = tmp_path / "e2e-synthetic.json"
     bench.write_text(json.dumps(_synthetic_tiers(truth)))
     tiers = tiers_from_bench([str(bench)])
@@ -418,11 +423,13 @@ def test_fit_job_recovers_the_phase_constants_from_whole_job_measurements(tmp_pa
         assert got[key] == pytest.approx(true[key], rel=0.03), key
     for key in ("held_cuda_graphs", "held_compiled", "train_reserve"):
         assert got[key] == pytest.approx(true[key], abs=0.01), key
-    for key in ("cache_overhead", "validation_overhead", "infer_overhead"):
+    for key in ("cache_overhead", "validation_overhead"):
         assert got[key] == pytest.approx(true[key], abs=0.05 * GIB), key
+    assert got["infer_overhead"] == start["infer_overhead"]  # infer runs under its own offload policy: not fitted
     assert fitted["memory"] == calib["memory"] and fitted["time"] == calib["time"]  # the step's are not touched
 
     assert main(["--fit", str(bench)]) == 0  # tiers are read beside bench_memory rows; nothing written
     out = capsys.readouterr().out
-    assert "8 tiers" in out and "| fp8mm-1024-val | synthetic | validation |" in out and "not written" in out
+    assert f"{len(calib['tiers']) + 8} tiers" in out and "not written" in out  # the stored tiers, then these
+    assert "| fp8mm-1024-val | synthetic | validation |" in out
     assert load_calibration() == calib

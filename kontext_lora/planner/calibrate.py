@@ -37,8 +37,8 @@ from kontext_lora.planner.prediction import (
 POINT_BASE = ["model.pretrained=unused", "data.datasets=[{path: unused}]", "lora.rank=16", "lora.alpha=16",
               "train.mixed_precision=bf16", "data.buckets=square"]  # fmt: skip
 # A measured phase -> the predicted phase it checks (the first step and the steady steps are both `train`).
-MEASURED_PHASES = {"cache": "cache", "first_step": "train", "train": "train", "validation": "validation",
-                   "infer": "infer"}  # fmt: skip
+# `infer` runs in its own process under its own offload policy, not under the plan: it is not fitted.
+MEASURED_PHASES = {"cache": "cache", "first_step": "train", "train": "train", "validation": "validation"}
 
 
 def point_config(point: dict) -> Config:
@@ -59,11 +59,20 @@ def _ridge_fit(rows: list[tuple[dict, float, float]], constants: dict, scales: d
     return {k: float(u[j] * scale[j]) for j, k in enumerate(names)}
 
 
-def fit(points: list[dict], calib: dict, ridge: float = 1e-3) -> dict:
+def fit(points: list[dict], calib: dict, ridge: float = 1e-3, tiers: list[dict] = ()) -> dict:
     """Refit the train step's memory and time constants to measured points (least squares on relative error, ridge
-    towards the current constants so a constant no point informs stays where it was); returns the new calibration."""
+    towards the current constants so a constant no point informs stays where it was); returns the new calibration.
+    The whole-job `tiers` add their steady s/step to the time fit: what a user's run measures, data and all."""
     calib = copy.deepcopy(calib)
     rows_mem, rows_time = [], []
+    for tier in tiers:
+        seconds = tier.get("metrics", {}).get("s_per_step")
+        if seconds:
+            cfg = tier_config(tier)
+            count, knobs, work = count_model(cfg), Knobs.of(cfg), workload(cfg, tier.get("bucket_keys"))
+            _, tim, _ = features(cfg, count, calib, knobs, work)
+            _, time = predict_step(cfg, count, calib, knobs, work)
+            rows_time.append((tim, seconds - time.get("swap", 0.0), seconds))
     for point in points:
         cfg = point_config(point)
         count = count_model(cfg)
@@ -102,6 +111,14 @@ def tiers_from_bench(paths: list[str]) -> list[dict]:
             if tier.get("status") == "passed":
                 tiers.append({**tier, "card": data.get("card", "?"), "source": os.path.basename(path)})
     return tiers
+
+
+def _stored_tier(tier: dict) -> dict:
+    """What the calibration keeps of a tier: enough to refit and to show the accuracy, not its logs."""
+    keep = ("tier", "card", "source", "cap_gib", "config", "bucket_keys")
+    phases = {name: {k: v for k, v in p.items() if k.endswith("peak_gib")} for name, p in tier["phases"].items()}
+    seconds = tier.get("metrics", {}).get("s_per_step")
+    return {**{k: tier[k] for k in keep if k in tier}, "phases": phases, "metrics": {"s_per_step": seconds}}
 
 
 def measured_peak(phase: dict) -> float | None:
@@ -161,6 +178,19 @@ def print_tier_accuracy(tiers: list[dict], calib: dict | None = None) -> None:
         print(f"| {tier} | {card} | {phase} | {peak:.2f} | {predicted:.2f} | {(predicted - peak) / peak:+.1%} |")
 
 
+def print_tier_speed(tiers: list[dict], calib: dict | None = None) -> None:
+    print("| tier | card | s/step | predicted | error |")
+    print("|---|---|---|---|---|")
+    for tier in tiers:
+        seconds = tier.get("metrics", {}).get("s_per_step")
+        if seconds:
+            pred = predict(tier_config(tier), calib=calib, bucket_keys=tier.get("bucket_keys"))
+            print(
+                f"| {tier.get('tier', '?')} | {tier['card']} | {seconds:.3f} | {pred.s_per_step:.3f} | "
+                f"{(pred.s_per_step - seconds) / seconds:+.1%} |"
+            )
+
+
 # --------------------------------------------------------------------------------------------- train-step points
 
 
@@ -206,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--fit", nargs="*", metavar="JSON", help="refit on the stored points and tiers plus these bench outputs"
     )
+    parser.add_argument("--job", action="store_true", help="also refit the job constants to the tiers' phase peaks")
     parser.add_argument("--write", action="store_true", help=f"write the refitted constants to {CALIBRATION_PATH.name}")
     args = parser.parse_args(argv)
     calib = load_calibration()
@@ -214,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     print_accuracy(points, calib)
     if tiers:
         print_tier_accuracy(tiers, calib)
+        print_tier_speed(tiers, calib)
     if args.fit is None:
         return 0
     new = points_from_bench(args.fit)
@@ -226,13 +258,17 @@ def main(argv: list[str] | None = None) -> int:
     keys = {(t.get("tier"), t["source"]) for t in new_tiers}
     tiers = [t for t in tiers if (t.get("tier"), t["source"]) not in keys] + new_tiers
     step_points = [p for p in new if "overrides" in p]
-    calib = fit_job(tiers, fit(points, calib) if step_points else calib)  # the step's: only with new step points
-    calib["points"], calib["tiers"] = points, tiers
+    if step_points or new_tiers:  # the step's constants: only with new measurements of the step
+        calib = fit(points, calib, tiers=tiers)
+    if args.job:
+        calib = fit_job(tiers, calib)
+    calib["points"], calib["tiers"] = points, [_stored_tier(t) for t in tiers]
     print(f"\nrefitted on {len(points)} points and {len(tiers)} tiers:")
     if step_points:
         print_accuracy(points, calib)
     if tiers:
         print_tier_accuracy(tiers, calib)
+        print_tier_speed(tiers, calib)
     print(json.dumps({s: calib[s]["constants"] for s in ("memory", "time", "job")}, indent=1))
     if args.write:
         from kontext_lora.atomic import atomic_path

@@ -40,12 +40,13 @@ def fixed_knobs(cfg: Config) -> dict[str, object]:
 
 
 def _valid(knobs: Knobs, cfg: Config) -> bool:
-    """Whether a knob set can run: fp8 matmuls need an fp8-stored, compiled base without swap (CUDA graphs) and
-    without gradient accumulation."""
+    """Whether a knob set can run: fp8 matmuls need an fp8-stored, compiled base without swap and without
+    checkpointed blocks (CUDA graphs: a checkpointed block frees tensors while a graph records, and the recording
+    fails), and without gradient accumulation."""
     if not knobs.fp8_matmuls:
         return True
     return (knobs.base_quant == "fp8" and knobs.compile != "none" and knobs.block_swap == 0
-            and cfg.train.gradient_accumulation == 1)  # fmt: skip
+            and not knobs.gradient_checkpointing and cfg.train.gradient_accumulation == 1)  # fmt: skip
 
 
 def candidate_knobs(cfg: Config, blocks: int, fp8_matmuls: bool = False) -> list[Knobs]:
