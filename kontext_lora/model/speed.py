@@ -372,7 +372,10 @@ def apply_speed(
     backend = resolve_attention_backend(cfg.attention_backend, device)
     set_attention_backend(backend)
     applied["attention"] = backend
-    if backend == "cudnn":
+    compiling = _wants_compile(cfg.compile, device)
+    if backend == "cudnn" and not compiling:
+        # Compiled blocks do not need the hooks, and their autograd.Function would turn AOTAutograd's cache off
+        # ("Unsupported call_function target autograd_function_apply"): every run would compile from scratch.
         transformer._kontext_grad_hooks = contiguous_attention_grads(transformer)
     if cfg.fp8_base and (quantization_report(transformer) or {}).get("mode") == "fp8":
         # the stored e4m3 weights, multiplied in fp8
@@ -385,7 +388,7 @@ def apply_speed(
     if gradient_checkpointing or block_swap:
         fraction = cfg.checkpoint_fraction if gradient_checkpointing else 0.0
         applied["checkpointed_blocks"] = len(enable_checkpointing(transformer, fraction))
-    if _wants_compile(cfg.compile, device):
+    if compiling:
         cuda_graphs = cfg.cuda_graphs and device.type == "cuda"
         compile_blocks(
             transformer, cfg.activation_budget, cfg.keep_attention, cuda_graphs, cfg.fuse_lora_inputs, cfg.tune_kernels

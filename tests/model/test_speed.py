@@ -75,6 +75,22 @@ def test_fast_path_matches_the_eager_bf16_loss_and_lora_gradients() -> None:
     assert (fast_grads - grads).norm() / grads.norm() < 1e-2
 
 
+def test_compiled_blocks_on_cudnn_keep_the_compile_cache_on() -> None:
+    """The contiguous-gradient hooks (an autograd.Function) make AOTAutograd bypass its cache, so every run would
+    compile from scratch: they are added for eager cuDNN only, where the backward needs them."""
+    from torch._dynamo.utils import counters
+
+    eager, _, applied = tiny_lora_model(["speed.compile=none", "speed.attention_backend=cudnn"])
+    assert applied["attention"] == "cudnn" and len(eager._kontext_grad_hooks) == 4  # 2 double + 2 single blocks
+    counters.clear()
+    compiled, cfg, applied = tiny_lora_model(["speed.compile=blocks", "speed.attention_backend=cudnn"])
+    assert applied["compiled"] and not hasattr(compiled, "_kontext_grad_hooks")
+    loss, grads = _step(compiled, cfg)
+    assert torch.isfinite(grads).all() and grads.abs().max() > 0
+    assert counters["aot_autograd"]["autograd_cache_bypass"] == 0
+    assert counters["aot_autograd"]["autograd_cache_miss"] > 0  # the compiled blocks went through the cache
+
+
 def _backward_graph_ops(keep_attention: bool, budget: float) -> tuple[list[str], float, torch.Tensor]:
     """Compile the tiny model's blocks through AOTAutograd's min-cut partitioner (as inductor does, without code
     generation), the attention tagged first if asked; returns the ops of the backward graphs, the loss, the grads."""
