@@ -207,6 +207,29 @@ def test_a_bad_lora_rank_shows_its_error_at_the_key(page, expect_api) -> None:
     _screenshot(page, "config")
 
 
+def _paused_after_step(run_dir: Path, step: int, timeout: float = 120.0) -> int:
+    """Pause (SIGSTOP) the UI's training process for `run_dir` once its metrics reach `step`; returns its PID.
+
+    The process is the UI server's child: found by the `output.dir=` on its command line."""
+    wanted = f"output.dir={RUN_DIR}".encode()
+    deadline = time.monotonic() + timeout
+    pid = None
+    while time.monotonic() < deadline:
+        if pid is None:
+            for proc in Path("/proc").iterdir():
+                try:
+                    if proc.name.isdigit() and wanted in (proc / "cmdline").read_bytes().split(b"\0"):
+                        pid = int(proc.name)
+                except OSError:
+                    continue
+        metrics = run_dir / "metrics.jsonl"
+        if pid is not None and metrics.is_file() and f'"step": {step},'.encode() in metrics.read_bytes():
+            os.kill(pid, signal.SIGSTOP)
+            return pid
+        time.sleep(0.005)
+    raise AssertionError(f"the run in {run_dir} reached no step {step} within {timeout:.0f} s")
+
+
 def test_launch_watch_stop_resume_and_download_the_tiny_run(page, project: Path, tmp_path: Path) -> None:
     page.goto(page.base + "/config?path=configs/examples/tiny_bw.yaml")
     for key, value in RUN_FIELDS.items():
@@ -219,21 +242,25 @@ def test_launch_watch_stop_resume_and_download_the_tiny_run(page, project: Path,
     page.wait_for_url(re.compile(r"/run\?path=runs%2Fui_tiny$"))
     run_dir = project / RUN_DIR
 
-    # Live progress: the step counter moves and a validation grid appears, polled from the run's files.
-    counter = page.locator("#step-counter")
-    page.wait_for_function(STEP_AT_LEAST, arg=1, timeout=90_000)
-    first = int(counter.inner_text())
-    page.locator(".grid-step img.grid").first.wait_for(timeout=60_000)
-    page.wait_for_function(STEP_AT_LEAST, arg=max(first + 1, 5), timeout=90_000)  # step 4's validation is written
-    assert (run_dir / "validation" / "step-000004").is_dir()
-    _screenshot(page, "run")
-
-    page.get_by_role("button", name="Stop (keep checkpoint)").click()
+    # The tiny run trains all 40 steps in about 2 s, faster than the page refreshes: the training process is
+    # paused (SIGSTOP) past step 4's validation, so the page is watched and the Stop clicked while it is mid-run.
+    trainer = _paused_after_step(run_dir, 5)
+    try:
+        # Live progress: the step counter moves and a validation grid appears, polled from the run's files.
+        counter = page.locator("#step-counter")
+        page.wait_for_function(STEP_AT_LEAST, arg=5, timeout=90_000)
+        page.locator(".grid-step img.grid").first.wait_for(timeout=60_000)
+        assert (run_dir / "validation" / "step-000004").is_dir()
+        _screenshot(page, "run")
+        page.get_by_role("button", name="Stop (keep checkpoint)").click()
+        time.sleep(0.5)  # the SIGTERM is delivered while the process is paused, handled once it continues
+    finally:
+        os.kill(trainer, signal.SIGCONT)
     page.locator("#run-state", has_text="stopped").wait_for(timeout=60_000)
     kept = checkpoint.latest_checkpoint(run_dir)
     assert kept is not None
     stopped_at = checkpoint.read_state(kept, checkpoint.STATE_NAME)["step"]
-    assert 4 <= stopped_at < 40
+    assert 5 <= stopped_at <= 10  # paused at step 5: the stop lands at the next step boundary or so
     assert int(counter.inner_text()) == stopped_at
     assert not (run_dir / "pytorch_lora_weights.safetensors").exists()
 
