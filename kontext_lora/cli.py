@@ -9,6 +9,7 @@ import sys
 # The base of the errors that are the user's to fix (printed as one line, exit code 2, no traceback). It imports
 # nothing, so a config typo fails at once, before torch or diffusers is imported.
 from kontext_lora.errors import UserError
+from kontext_lora.run_files import PREFLIGHT_NAME
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -45,9 +46,7 @@ def _preflight(args: argparse.Namespace) -> int:
     report.raise_on_errors()
     plan = build_plan(cfg.data, report)
     print(bucket_table([sample.bucket_key for sample in plan]))
-    sheet = write_contact_sheet(
-        report, args.sheet or Path(cfg.output.dir) / "preflight.jpg", cfg.data.preflight_samples
-    )
+    sheet = write_contact_sheet(report, args.sheet or Path(cfg.output.dir) / PREFLIGHT_NAME, cfg.data.preflight_samples)
     warnings = len(report.of_level("warning"))
     print(f"preflight passed: {len(plan)} usable triples, {warnings} warning(s); contact sheet {sheet}")
     return 0

@@ -13,8 +13,7 @@ from kontext_lora.data.triples import load_image
 from kontext_lora.errors import UserError
 from kontext_lora.model.device import device_limit_bytes
 from kontext_lora.model.load import ModelError, load_pipeline
-
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # what load_lora_weights looks for in a folder
+from kontext_lora.run_files import ADAPTER_NAME as LORA_WEIGHTS_NAME  # what load_lora_weights looks for
 
 OFFLOADS = ("auto", "none", "model", "group")
 # Held beside the weights while one ~1 MP edit runs: the transformer's no-grad activations and the VAE decode.

@@ -20,8 +20,8 @@ from kontext_lora.export.diffusers_format import (
     PREFIX,
     WEIGHT_NAME,
 )
+from kontext_lora.run_files import CARD_NAME
 
-CARD_NAME = "README.md"
 NOT_RECORDED = "not recorded"
 
 

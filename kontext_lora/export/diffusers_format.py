@@ -19,8 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from kontext_lora.atomic import atomic_path, umask_mode
+from kontext_lora.run_files import ADAPTER_NAME as WEIGHT_NAME  # noqa: F401  (diffusers' LoRA file name)
 
-WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 KONTEXT_LORA_METADATA_KEY = "kontext_lora"
 PREFIX = "transformer."

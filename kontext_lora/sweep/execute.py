@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kontext_lora.config import Config, ConfigError, load_config, to_yaml
+from kontext_lora.run_files import LOG_NAME
 from kontext_lora.sweep.spec import Run, Sweep
 from kontext_lora.sweep.state import CONFIG_NAME, atomic_write_text, run_state, write_status
 
 LAUNCHERS = ("inprocess", "accelerate")
 ERROR_NAME = "error.txt"  # the full traceback of a failed run
-LOG_NAME = "train.log"  # stdout + stderr of an `accelerate launch` run
 CACHE_NAME = "cache"  # <sweep dir>/cache: the latents and embeddings every run of the sweep reads
 TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "train.py"  # the repository's shim, when there is one
 

@@ -7,11 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from kontext_lora.atomic import atomic_path
-
-STATUS_NAME = "status.json"  # {"status", "error", "overrides", "seconds"} written by the sweep around each run
-CONFIG_NAME = "config.yaml"  # the resolved config (the loop writes the same text)
-METRICS_NAME = "metrics.jsonl"  # one JSON line a step, written by the training loop
-ADAPTER_NAME = "pytorch_lora_weights.safetensors"  # the final adapter (diffusers' file name)
+from kontext_lora.run_files import ADAPTER_NAME, CONFIG_NAME, METRICS_NAME, STATUS_NAME  # noqa: F401
 
 # done: finished, adapter written. failed: stopped with an error (status.json has it). running: started and never
 # came back (killed). interrupted: Ctrl-C. incomplete: metrics but no finished adapter (killed outside the sweep).

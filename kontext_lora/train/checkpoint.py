@@ -49,18 +49,22 @@ from safetensors import safe_open
 from kontext_lora.atomic import remove_leftovers
 from kontext_lora.errors import UserError
 from kontext_lora.export.diffusers_format import WEIGHT_NAME, save_safetensors
+from kontext_lora.run_files import (  # noqa: F401  (the run folder's names, re-exported for the loop)
+    BEST_DIR,
+    BEST_JSON,
+    CARD_NAME,
+    CONFIG_NAME,
+    LOCK_NAME,
+    LOGS_DIR,
+    METRICS_NAME,
+    PREFLIGHT_NAME,
+    STATE_NAME,
+    VALIDATION_DIR,
+)
+from kontext_lora.run_files import CHECKPOINT_MARKER as MARKER
+from kontext_lora.run_files import EMA_ADAPTER_NAME as EMA_WEIGHT_NAME
 
-MARKER = "checkpoint.json"
-STATE_NAME = "training_state"
 FORMAT_VERSION = 2  # 2: the marker holds a sha256 of every file ("files"); 1 had none (loaded unchecked)
-# The run folder's files (output.dir): one definition each, read by the loop, validation and sweeps.
-METRICS_NAME = "metrics.jsonl"
-EMA_WEIGHT_NAME = "pytorch_lora_weights_ema.safetensors"
-VALIDATION_DIR = "validation"
-BEST_DIR = "best"
-BEST_JSON = "best.json"
-LOGS_DIR = "logs"  # tensorboard (accelerate's project_dir / "logs")
-LOCK_NAME = ".run.lock"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Test hook: seconds to sleep after the files are written and before the marker and rename, so a test can
 # SIGKILL the production code path while a checkpoint is half written. Unset in normal use.
@@ -414,7 +418,7 @@ def run_files(out_dir: Path) -> list[Path]:
                 or name.startswith((".tmp-step-", ".tmp-best", ".trash-", ".deleting-"))):  # fmt: skip
             found.append(path)
     if any(p.name.endswith(("_kohya.safetensors", "_comfyui.safetensors")) for p in found):
-        found += [out_dir / "README.md"] if (out_dir / "README.md").is_file() else []  # the exports' model card
+        found += [out_dir / CARD_NAME] if (out_dir / CARD_NAME).is_file() else []  # the exports' model card
     return found
 
 
@@ -428,7 +432,7 @@ def claim_run_folder(out_dir: Path, resume: str, overwrite: bool) -> None:
     """
     out_dir = Path(out_dir)
     clean_stale(out_dir)
-    for name in (WEIGHT_NAME, EMA_WEIGHT_NAME, METRICS_NAME, BEST_JSON, "config.yaml", "preflight.jpg"):
+    for name in (WEIGHT_NAME, EMA_WEIGHT_NAME, METRICS_NAME, BEST_JSON, CONFIG_NAME, PREFLIGHT_NAME):
         remove_leftovers(out_dir / name)
     found = [p for p in run_files(out_dir) if not p.name.startswith(".")]
     if not found:

@@ -26,8 +26,8 @@ import torch
 from kontext_lora.atomic import atomic_path
 from kontext_lora.errors import UserError
 from kontext_lora.model.device import device_limit_bytes
+from kontext_lora.run_files import JOB_NAME  # noqa: F401  (imported from here by the loop and the bench)
 
-JOB_NAME = "job.json"
 GIB = 2**30
 
 # What to change when a phase runs out of memory.

@@ -39,6 +39,7 @@ from kontext_lora.data.triples import DataError, Triple, discover_triples, image
 from kontext_lora.export.formats import export_file_names
 from kontext_lora.model.load import encode_captions, encode_images
 from kontext_lora.progress import progress_bar
+from kontext_lora.run_files import METRICS_NAME
 from kontext_lora.train import checkpoint
 from kontext_lora.train.checkpoint import BEST_DIR, BEST_JSON, VALIDATION_DIR
 from kontext_lora.train.objective import LatentBatch, flow_matching_loss
@@ -142,7 +143,7 @@ class Validator:
         record.update(self._edit_metrics(outputs))
         if self.accelerator.is_main_process:
             self._write_grids(step, outputs)
-            with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+            with open(self.out_dir / METRICS_NAME, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
         self.accelerator.log({f"val/{k}": v for k, v in record.items() if k != "step" and v is not None}, step=step)
         self._update_best(step, record, save_adapter)

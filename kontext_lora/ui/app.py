@@ -25,6 +25,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from kontext_lora.config import ConfigError
+from kontext_lora.run_files import CONFIG_NAME, METRICS_NAME
 from kontext_lora.ui import datasets, forms, plots, runs
 from kontext_lora.ui.paths import PathRefused, Root
 
@@ -36,7 +37,7 @@ def _configs(root: Root) -> list[str]:
     """YAML files under the root that are training configs (not sweep files, not run folders' resolved copies)."""
     found = []
     for folder, dirs, files in root.walk(frozenset({"cache", "validation", "logs", "best", "control", "target"})):
-        if (folder / "metrics.jsonl").is_file() or folder.name.startswith("step-"):
+        if (folder / METRICS_NAME).is_file() or folder.name.startswith("step-"):
             dirs.clear()
             continue
         for name in sorted(files):
@@ -277,7 +278,7 @@ def create_app(
         return page(request, "sweep.html", path=root.relative(folder), columns=columns, rows=rows, sort=sort,
                     descending=descending, plot=root.relative(plot) if plot.is_file() else "",
                     run_dirs={row["run"]: root.relative(folder / row["run"]) for row in rows
-                              if (folder / row.get("run", "") / "config.yaml").is_file()})  # fmt: skip
+                              if (folder / row.get("run", "") / CONFIG_NAME).is_file()})  # fmt: skip
 
     # ---------------------------------------------------------------------------------------------------- errors
 

@@ -24,12 +24,18 @@ from typing import Any
 import yaml
 
 from kontext_lora.config import load_config
+from kontext_lora.run_files import (
+    ADAPTER_NAME,
+    BEST_JSON,
+    CARD_NAME,
+    CHECKPOINT_MARKER,
+    CONFIG_NAME,
+    LOG_NAME,
+    METRICS_NAME,
+    VALIDATION_DIR,
+)
 from kontext_lora.ui.paths import PathRefused, Root
 
-LOG_NAME = "train.log"
-VALIDATION_DIR = "validation"
-BEST_JSON = "best.json"
-ADAPTER_NAME = "pytorch_lora_weights.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _SKIP = frozenset({"cache", "validation", "logs", "best", "control", "target", "__pycache__", "wandb"})
 
@@ -87,7 +93,7 @@ class Processes:
         process.send_signal(signal.SIGTERM)
 
     def resume(self, run_dir: Path) -> Path:
-        config = run_dir / "config.yaml"
+        config = run_dir / CONFIG_NAME
         if not config.is_file():
             raise LaunchRefused(f"{self.root.relative(run_dir)} has no config.yaml to resume from")
         return self.launch(config, ["train.resume=latest"])
@@ -105,7 +111,7 @@ def find_runs(root: Root) -> list[Path]:
         if _STEP_DIR.match(folder.name):
             dirs.clear()
             continue
-        if "config.yaml" in files and ("metrics.jsonl" in files or LOG_NAME in files):
+        if CONFIG_NAME in files and (METRICS_NAME in files or LOG_NAME in files):
             found.append(folder)
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
@@ -121,7 +127,7 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     found = []
     for path in run_dir.glob("step-*"):
         match = _STEP_DIR.match(path.name)
-        if match and (path / "checkpoint.json").is_file():
+        if match and (path / CHECKPOINT_MARKER).is_file():
             found.append((int(match.group(1)), path))
     return sorted(found)
 
@@ -149,7 +155,7 @@ class RunView:
 
 def _configured_steps(run_dir: Path) -> int | None:
     try:
-        return int((yaml.safe_load((run_dir / "config.yaml").read_text()) or {})["train"]["steps"])
+        return int((yaml.safe_load((run_dir / CONFIG_NAME).read_text()) or {})["train"]["steps"])
     except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
         return None
 
@@ -194,15 +200,15 @@ def view_run(root: Root, run_dir: Path, processes: Processes) -> RunView:
     files = []
     for folder in (run_dir, run_dir / "best"):
         for path in sorted(folder.glob("*")):
-            if path.is_file() and (path.suffix == ".safetensors" or path.name == "README.md"):
+            if path.is_file() and (path.suffix == ".safetensors" or path.name == CARD_NAME):
                 files.append((root.relative(path), path.stat().st_size))
-    card_path = run_dir / "README.md"
+    card_path = run_dir / CARD_NAME
     card = card_path.read_text(errors="replace") if card_path.is_file() else ""
     return RunView(
         path=root.relative(run_dir), name=run_dir.name, state=state, step=step, steps=steps,
         loss=losses[-1][1] if losses else None, losses=losses, heldout=heldout, grids=grids, best=best,
         files=files, card=card, log_tail=log_tail[-2500:], checkpoints=[s for s, _ in saved], running=running,
-        config=root.relative(run_dir / "config.yaml"),
+        config=root.relative(run_dir / CONFIG_NAME),
     )  # fmt: skip
 
 
@@ -233,6 +239,6 @@ def read_summary(sweep_dir: Path, sort: str = "", descending: bool = False) -> t
 
 def run_folder(root: Root, path: str) -> Path:
     folder = root.resolve(path)
-    if not ((folder / "config.yaml").is_file() or (folder / LOG_NAME).is_file()):  # a just launched run: the log
+    if not ((folder / CONFIG_NAME).is_file() or (folder / LOG_NAME).is_file()):  # a just launched run: the log
         raise PathRefused(f"{path} is not a run folder (no config.yaml or {LOG_NAME})")
     return folder

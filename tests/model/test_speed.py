@@ -82,13 +82,15 @@ def test_compiled_blocks_on_cudnn_keep_the_compile_cache_on() -> None:
 
     eager, _, applied = tiny_lora_model(["speed.compile=none", "speed.attention_backend=cudnn"])
     assert applied["attention"] == "cudnn" and len(eager._kontext_grad_hooks) == 4  # 2 double + 2 single blocks
+    torch._dynamo.reset()  # an earlier test's compiled frames would otherwise be reused without AOTAutograd
     counters.clear()
     compiled, cfg, applied = tiny_lora_model(["speed.compile=blocks", "speed.attention_backend=cudnn"])
     assert applied["compiled"] and not hasattr(compiled, "_kontext_grad_hooks")
     loss, grads = _step(compiled, cfg)
     assert torch.isfinite(grads).all() and grads.abs().max() > 0
     assert counters["aot_autograd"]["autograd_cache_bypass"] == 0
-    assert counters["aot_autograd"]["autograd_cache_miss"] > 0  # the compiled blocks went through the cache
+    through_cache = counters["aot_autograd"]["autograd_cache_miss"] + counters["aot_autograd"]["autograd_cache_hit"]
+    assert through_cache > 0  # the compiled blocks went through the cache (a hit when an earlier run filled it)
 
 
 def _backward_graph_ops(keep_attention: bool, budget: float) -> tuple[list[str], float, torch.Tensor]:

@@ -3,8 +3,8 @@
 accelerate turns FSDP on only for GPU processes, so this applies torch's `fully_shard` itself, the way accelerate's
 FSDP2 plugin does with configs/accelerate/fsdp2_2gpu.yaml (one unit per Flux double / single block, then the
 root), on a bf16 base with float32 LoRA parameters. Each process trains on its own micro-batch; the adapter that
-fit()'s saver gathers (`_full_adapter_state`: DTensor.full_tensor() on the LoRA tensors only) and the gathered
-optimizer state (`_full_tensors`) must equal one unsharded process accumulating both micro-batches.
+fit()'s saver gathers (`full_adapter_state`: DTensor.full_tensor() on the LoRA tensors only) and the gathered
+optimizer state (`full_tensors`) must equal one unsharded process accumulating both micro-batches.
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ def _batch(index: int):
 def _sharded_worker(rank: int, port: int, model_dir: Path, out: Path) -> None:
     from torch.distributed.tensor import DTensor
 
-    from kontext_lora.train.loop import _full_adapter_state, _full_tensors, micro_batch_seed, training_step
+    from kontext_lora.train.loop import micro_batch_seed, training_step
+    from kontext_lora.train.run_state import full_adapter_state, full_tensors
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -90,8 +91,8 @@ def _sharded_worker(rank: int, port: int, model_dir: Path, out: Path) -> None:
             training_step(transformer, _batch(index), cfg, generator).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        state, _ = _full_adapter_state(transformer)
-        moments = _full_tensors(optimizer.state_dict())["state"]
+        state, _ = full_adapter_state(transformer)
+        moments = full_tensors(optimizer.state_dict())["state"]
         if rank == 0:
             save_file({**state, **{f"exp_avg.{i}": v["exp_avg"] for i, v in moments.items()}}, str(out))
     finally:
@@ -99,7 +100,8 @@ def _sharded_worker(rank: int, port: int, model_dir: Path, out: Path) -> None:
 
 
 def _unsharded(model_dir: Path) -> dict[str, torch.Tensor]:
-    from kontext_lora.train.loop import _full_adapter_state, micro_batch_seed, training_step
+    from kontext_lora.train.loop import micro_batch_seed, training_step
+    from kontext_lora.train.run_state import full_adapter_state
 
     cfg, transformer, lora_parameters = _setup(model_dir)
     params = lora_parameters(transformer)
@@ -111,7 +113,7 @@ def _unsharded(model_dir: Path) -> dict[str, torch.Tensor]:
             (training_step(transformer, _batch(index), cfg, generator) / 2).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    state, _ = _full_adapter_state(transformer)
+    state, _ = full_adapter_state(transformer)
     return {**state, **{f"exp_avg.{i}": v["exp_avg"] for i, v in optimizer.state_dict()["state"].items()}}
 
 
@@ -140,13 +142,8 @@ def _resume_worker(rank: int, port: int, model_dir: Path, out: Path) -> None:
     from kontext_lora.config import EmaConfig
     from kontext_lora.train.checkpoint import read_state, write_state
     from kontext_lora.train.ema import AdapterEMA
-    from kontext_lora.train.loop import (
-        _full_adapter_state,
-        _full_tensors,
-        micro_batch_seed,
-        restore_training_tensors,
-        training_step,
-    )
+    from kontext_lora.train.loop import micro_batch_seed, training_step
+    from kontext_lora.train.run_state import full_adapter_state, full_tensors, restore_training_tensors
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -169,8 +166,8 @@ def _resume_worker(rank: int, port: int, model_dir: Path, out: Path) -> None:
     try:
         cfg, model_a, params_a, optimizer_a, ema_a = sharded_run()
         train(cfg, model_a, optimizer_a, ema_a, range(2))
-        state = {"adapter": _full_adapter_state(model_a)[0], "optimizer": _full_tensors(optimizer_a.state_dict()),
-                 "ema": _full_tensors(ema_a.state()), "rng": torch.get_rng_state()}  # fmt: skip
+        state = {"adapter": full_adapter_state(model_a)[0], "optimizer": full_tensors(optimizer_a.state_dict()),
+                 "ema": full_tensors(ema_a.state()), "rng": torch.get_rng_state()}  # fmt: skip
         folder = out.parent / f"checkpoint-{rank}"  # through the disk, as a checkpoint goes (no aliasing of A's state)
         folder.mkdir()
         write_state(folder, "state", state)
@@ -190,9 +187,9 @@ def _resume_worker(rank: int, port: int, model_dir: Path, out: Path) -> None:
 
         results = {}
         for name, model, optimizer, ema in (("a", model_a, optimizer_a, ema_a), ("b", model_b, optimizer_b, ema_b)):
-            adapter = _full_adapter_state(model)[0]
-            exp_avg = _full_tensors(optimizer.state_dict())["state"]
-            shadow = _full_tensors(ema.state())["shadow_params"]
+            adapter = full_adapter_state(model)[0]
+            exp_avg = full_tensors(optimizer.state_dict())["state"]
+            shadow = full_tensors(ema.state())["shadow_params"]
             results.update({f"{name}.{k}": v for k, v in adapter.items()})
             results.update({f"{name}.exp_avg.{i}": v["exp_avg"] for i, v in exp_avg.items()})
             results.update({f"{name}.ema.{i}": v.float() for i, v in enumerate(shadow)})
