@@ -78,14 +78,16 @@ def heldout_losses(pipe, heldout: list[Pair], others: list[Pair], max_sequence_l
 
 
 @torch.no_grad()
-def sampled_edits(pipe, heldout: list[Pair], size: int, steps: int = 8, guidance: float = 2.5) -> dict[str, float]:
+def sampled_edits(
+    pipe, heldout: list[Pair], size: int, steps: int = 8, guidance: float = 1.0, max_sequence_length: int = 32
+) -> dict[str, float]:
     """Sample each held-out edit (seed i for pair i): mean output saturation and PSNR against the target."""
     saturations, psnrs = [], []
     for i, pair in enumerate(heldout):
         output = pipe(
             image=_image(pair.control), prompt=pair.caption, height=size, width=size, max_area=size * size,
             _auto_resize=False, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
-            generator=torch.Generator().manual_seed(i),
+            max_sequence_length=max_sequence_length, generator=torch.Generator().manual_seed(i),
         ).images[0]  # fmt: skip
         output = np.clip(output.astype(np.float32), 0.0, 1.0)  # (R, R, 3)
         target = (pair.target.permute(1, 2, 0).numpy() + 1.0) / 2.0
@@ -94,19 +96,29 @@ def sampled_edits(pipe, heldout: list[Pair], size: int, steps: int = 8, guidance
     return {"saturation": float(np.mean(saturations)), "psnr": float(np.mean(psnrs))}
 
 
-def evaluate(pipe, heldout: list[Pair], others: list[Pair], size: int) -> dict[str, float]:
-    return {**heldout_losses(pipe, heldout, others), **sampled_edits(pipe, heldout, size)}
+def evaluate(pipe, heldout: list[Pair], others: list[Pair], size: int, guidance: float, length: int) -> dict:
+    """Losses and sampled-edit figures; `length`: the T5 sequence length (model.max_sequence_length of training)."""
+    return {**heldout_losses(pipe, heldout, others, length),
+            **sampled_edits(pipe, heldout, size, guidance=guidance, max_sequence_length=length)}  # fmt: skip
 
 
-def compare(model: str | Path, lora: str | Path, heldout: list[Pair], others: list[Pair], size: int) -> dict:
+def compare(
+    model: str | Path,
+    lora: str | Path,
+    heldout: list[Pair],
+    others: list[Pair],
+    size: int,
+    guidance: float = 1.0,
+    length: int = 32,
+) -> dict:
     """{"base": figures, "adapter": figures} for the model folder without and with the LoRA file."""
     from diffusers import FluxKontextPipeline
 
     pipe = FluxKontextPipeline.from_pretrained(str(model), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    base = evaluate(pipe, heldout, others, size)
+    base = evaluate(pipe, heldout, others, size, guidance, length)
     pipe.load_lora_weights(str(lora))
-    return {"base": base, "adapter": evaluate(pipe, heldout, others, size)}
+    return {"base": base, "adapter": evaluate(pipe, heldout, others, size, guidance, length)}
 
 
 def main() -> None:
@@ -116,13 +128,17 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="dataset folder holding the held-out triples")
     parser.add_argument("--heldout", nargs="+", required=True, help="stems of the held-out triples in --data")
     parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--max-sequence-length", type=int, default=32,
+                        help="T5 tokens: the run's model.max_sequence_length (example: 32, real: 512)")  # fmt: skip
+    parser.add_argument("--guidance", type=float, default=1.0,
+                        help="sampling guidance: 1.0 for the tiny model, 2.5 for FLUX.1-Kontext-dev")  # fmt: skip
     args = parser.parse_args()
     pairs = load_pairs(args.data, args.size)
     heldout = [p for p in pairs if p.name in args.heldout]
     others = [p for p in pairs if p.name not in args.heldout]
     if len(heldout) != len(args.heldout):
         raise SystemExit(f"--heldout: {sorted(set(args.heldout) - {p.name for p in heldout})} not in {args.data}")
-    result = compare(args.model, args.lora, heldout, others, args.size)
+    result = compare(args.model, args.lora, heldout, others, args.size, args.guidance, args.max_sequence_length)
     base, adapter = result["base"], result["adapter"]
     print(f"{'':14s} {'base':>9s} {'adapter':>9s}")
     for key in base:

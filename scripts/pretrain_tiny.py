@@ -96,6 +96,16 @@ def image_set(count: int, photo_share: float, rng: np.random.Generator, size: in
     return images
 
 
+def greyed(images: np.ndarray, rng: np.random.Generator, share: float = 0.2) -> np.ndarray:
+    """`images` (N, H, W, 3) with a `share` of them turned grey (luma): an autoencoder, unlike the editor, sees
+    every kind of image, black and white included, as the real FLUX VAE did."""
+    grey = rng.random(len(images)) < share
+    luma = images @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    images = images.copy()
+    images[grey] = luma[grey][..., None]
+    return images
+
+
 # ------------------------------------------------------------------------------------------------------- edits
 
 
@@ -173,7 +183,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------------------- VAE
 
 
-def train_vae(vae, seed: int, steps: int, batch_size: int, crop: int = 32, lr: float = 4e-3) -> None:
+def train_vae(vae, seed: int, steps: int, batch_size: int, crop: int, lr: float = 2e-3, images: int = 6000) -> None:
     """Autoencoder training on random `crop`^2 crops (the VAE is convolutional: it then works at SIZE too).
 
     Loss: L1 + MSE of the reconstruction from the posterior mean with a little noise added (so the decoder also
@@ -181,18 +191,20 @@ def train_vae(vae, seed: int, steps: int, batch_size: int, crop: int = 32, lr: f
     the distribution's mode and normalised by the calibrated constants, so their scale needs no prior.
     """
     rng = np.random.default_rng(seed)
-    images = to_pixels(image_set(1500, 0.3, rng))  # (1500, 3, SIZE, SIZE)
+    device = next(vae.parameters()).device
+    images = to_pixels(greyed(image_set(images, 0.3, rng), rng)).to(device)  # (images, 3, SIZE, SIZE)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
     vae.train()
     start = time.perf_counter()
     for step in range(steps):
-        index = torch.randint(len(images), (batch_size,), generator=generator)
+        index = torch.randint(len(images), (batch_size,), generator=generator).to(device)
         top, left = (int(v) for v in torch.randint(SIZE - crop + 1, (2,), generator=generator))
         batch = images[index][:, :, top : top + crop, left : left + crop]
         latents = vae.encode(batch).latent_dist.mode()
-        latents = latents + 0.05 * latents.detach().std() * torch.randn(latents.shape, generator=generator)
+        jitter = torch.randn(latents.shape, generator=generator).to(device)
+        latents = latents + 0.05 * latents.detach().std() * jitter
         decoded = vae.decode(latents).sample
         loss = (decoded - batch).abs().mean() + ((decoded - batch) ** 2).mean()
         loss.backward()
@@ -208,6 +220,7 @@ def train_vae(vae, seed: int, steps: int, batch_size: int, crop: int = 32, lr: f
 @torch.no_grad()
 def calibrate_vae(vae, images: torch.Tensor) -> None:
     """shift_factor / scaling_factor from the raw latents of `images` (N, 3, SIZE, SIZE): mean 0, std 1."""
+    images = images.to(next(vae.parameters()).device)
     raw = torch.cat([vae.encode(images[i : i + 64]).latent_dist.mode() for i in range(0, len(images), 64)])
     vae.register_to_config(shift_factor=round(raw.mean().item(), 6), scaling_factor=round(1.0 / raw.std().item(), 6))
 
@@ -215,6 +228,7 @@ def calibrate_vae(vae, images: torch.Tensor) -> None:
 @torch.no_grad()
 def encode(vae, images: torch.Tensor) -> torch.Tensor:
     """(N, 3, SIZE, SIZE) in [-1, 1] -> (N, 16, SIZE/8, SIZE/8) normalised latents, as the trainer encodes."""
+    images = images.to(next(vae.parameters()).device)
     raw = torch.cat([vae.encode(images[i : i + 64]).latent_dist.mode() for i in range(0, len(images), 64)])
     return (raw - vae.config.shift_factor) * vae.config.scaling_factor
 
@@ -241,7 +255,7 @@ def edit_dataset(
         prompt_embeds, pooled_embeds, _ = pipe.encode_prompt(
             prompt=unique, prompt_2=None, max_sequence_length=MAX_SEQUENCE_LENGTH
         )
-    index = torch.tensor([unique.index(caption) for caption in captions])
+    index = torch.tensor([unique.index(caption) for caption in captions], device=prompt_embeds.device)
     return (encode(pipe.vae, to_pixels(controls)), encode(pipe.vae, to_pixels(targets)),
             prompt_embeds[index], pooled_embeds[index])  # fmt: skip
 
@@ -249,17 +263,18 @@ def edit_dataset(
 def train_transformer(transformer, data, seed: int, steps: int, batch_size: int, lr: float) -> None:
     """Kontext flow matching (the trainer's own loss and sigma sampling) on the encoded edits in `data`."""
     controls, targets, prompt_embeds, pooled_embeds = data
+    device = next(transformer.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
-    loss_config = LossConfig()
+    loss_config = LossConfig(timestep_sampling="uniform")  # a base must denoise well at every noise level
     transformer.train()
     start, running = time.perf_counter(), 0.0
     for step in range(steps):
         index = torch.randint(len(targets), (batch_size,), generator=generator)
-        batch = LatentBatch(targets[index], [controls[index]], prompt_embeds[index], pooled_embeds[index])
-        noise = torch.randn(batch.target_latents.shape, generator=generator)
-        sigmas = sample_sigmas(batch_size, generator, loss=loss_config)
+        batch = LatentBatch(targets[index], [controls[index]], prompt_embeds[index], pooled_embeds[index]).to(device)
+        noise = torch.randn(batch.target_latents.shape, generator=generator).to(device)
+        sigmas = sample_sigmas(batch_size, generator, loss=loss_config).to(device)
         loss = flow_matching_loss(transformer, batch, sigmas, noise, guidance=1.0)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
@@ -278,10 +293,10 @@ def train_transformer(transformer, data, seed: int, steps: int, batch_size: int,
 def heldout_losses(transformer, data) -> tuple[float, float]:
     """Flow-matching loss on held-out edits at fixed sigmas and noise: (with its own control, with another's)."""
     controls, targets, prompt_embeds, pooled_embeds = data
-    noise = torch.randn(targets.shape, generator=torch.Generator().manual_seed(123))
+    noise = torch.randn(targets.shape, generator=torch.Generator().manual_seed(123)).to(targets.device)
     own, other = 0.0, 0.0
     for sigma in (0.25, 0.5, 0.75):
-        sigmas = torch.full((len(targets),), sigma)
+        sigmas = torch.full((len(targets),), sigma, device=targets.device)
         for shift, name in ((0, "own"), (1, "other")):
             batch = LatentBatch(targets, [controls.roll(shift, dims=0)], prompt_embeds, pooled_embeds)
             value = flow_matching_loss(transformer, batch, sigmas, noise, guidance=1.0).item() / 3
@@ -293,7 +308,7 @@ def heldout_losses(transformer, data) -> tuple[float, float]:
 
 
 def save_component(module: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
-    state = {key: value.detach().to(torch.float16).contiguous() for key, value in module.state_dict().items()}
+    state = {key: value.detach().to("cpu", torch.float16).contiguous() for key, value in module.state_dict().items()}
     save_file(state, str(path), metadata=metadata)
 
 
@@ -307,18 +322,28 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stage", choices=("all", "vae", "transformer"), default="all",
                         help="transformer: reuse the VAE and text encoders already in --out")  # fmt: skip
-    parser.add_argument("--vae-steps", type=int, default=700)
-    parser.add_argument("--small-steps", type=int, default=350, help="transformer steps on 64^2 edits (4x4 tokens)")
-    parser.add_argument("--transformer-steps", type=int, default=60, help="then transformer steps on 128^2 edits")
-    parser.add_argument("--pairs", type=int, default=2000, help="captioned 64^2 edits (a quarter as many 128^2 ones)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--vae-steps", type=int, default=4000)
+    parser.add_argument("--vae-batch", type=int, default=32)
+    parser.add_argument("--vae-crop", type=int, default=64, help="side of the random crops the VAE trains on")
+    parser.add_argument("--small-steps", type=int, default=5000, help="transformer steps on 64^2 edits (4x4 tokens)")
+    parser.add_argument("--small-batch", type=int, default=128)
+    parser.add_argument("--small-pairs", type=int, default=24000, help="captioned 64^2 edits")
+    parser.add_argument("--transformer-steps", type=int, default=3000, help="then transformer steps on 128^2 edits")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--pairs", type=int, default=8000, help="captioned 128^2 edits")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)  # one thread: the same float sums on every machine (and faster on a shared CPU)
+    if args.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # float32 as on a CPU
     args.out.mkdir(parents=True, exist_ok=True)
 
-    pipe = build_tiny_pipeline(args.seed, EDITOR_TRANSFORMER, EDITOR_VAE)  # random text encoders, seeded
+    pipe = build_tiny_pipeline(args.seed, EDITOR_TRANSFORMER, EDITOR_VAE).to(args.device)  # random text encoders
     if args.stage in ("all", "vae"):
-        train_vae(pipe.vae, args.seed, args.vae_steps, batch_size=8)
+        start = time.perf_counter()
+        train_vae(pipe.vae, args.seed, args.vae_steps, batch_size=args.vae_batch, crop=args.vae_crop)
         check = to_pixels(image_set(256, 0.3, np.random.default_rng(args.seed + 1000)))  # unseen images
         calibrate_vae(pipe.vae, check)
         save_component(pipe.vae, args.out / "vae.safetensors", {
@@ -326,6 +351,7 @@ def main() -> None:
         })  # fmt: skip
         for name in ("text_encoder", "text_encoder_2"):
             save_component(getattr(pipe, name), args.out / f"{name}.safetensors")
+        print(f"vae trained in {time.perf_counter() - start:.0f} s", flush=True)
     # Continue from the saved float16 weights, exactly what the shipped pipeline will hold.
     vae_file = args.out / "vae.safetensors"
     load_component(pipe.vae, vae_file)
@@ -337,18 +363,21 @@ def main() -> None:
     for name in ("text_encoder", "text_encoder_2"):
         load_component(getattr(pipe, name), args.out / f"{name}.safetensors")
     pipe.vae.eval()
-    check = to_pixels(image_set(64, 0.3, np.random.default_rng(args.seed + 1000)))
-    print(f"vae: PSNR {psnr(decode(pipe.vae, encode(pipe.vae, check)), check):.1f} dB on unseen images")
+    rng = np.random.default_rng(args.seed + 1000)
+    check = to_pixels(image_set(64, 0.3, rng))
+    grey = to_pixels(greyed(image_set(64, 0.3, rng), rng, share=1.0))
+    print(
+        f"vae: PSNR {psnr(decode(pipe.vae, encode(pipe.vae, check)).cpu(), check):.1f} dB on unseen images, "
+        f"{psnr(decode(pipe.vae, encode(pipe.vae, grey)).cpu(), grey):.1f} dB on grey ones",
+        flush=True,
+    )
     if args.stage == "vae":
         return
 
-    # Most steps on 64^2 edits, a quarter of the tokens of 128^2 ones: copying, shifting and recolouring are the
-    # same relative-position and per-token maps at any size (RoPE ids), so they carry over to 128^2, where the last
-    # steps adapt the attention to the longer sequence.
     heldout = edit_dataset(pipe, args.seed + 2, 64)
     phases = (
-        (SIZE // 2, args.small_steps, args.pairs, 16, 1e-3),
-        (SIZE, args.transformer_steps, args.pairs // 4, 8, 5e-4),
+        (SIZE // 2, args.small_steps, args.small_pairs, args.small_batch, 1e-3),
+        (SIZE, args.transformer_steps, args.pairs, args.batch, 5e-4),
     )
     for size, steps, pairs, batch_size, lr in phases:
         start = time.perf_counter()
@@ -357,11 +386,29 @@ def main() -> None:
         train_transformer(pipe.transformer, train_data, args.seed + size, steps, batch_size=batch_size, lr=lr)
         own, other = heldout_losses(pipe.transformer, heldout)
         print(f"after {size}^2: held-out loss {own:.4f} with its own control, {other:.4f} with another's", flush=True)
-    save_component(pipe.transformer, args.out / "transformer.safetensors")
+        save_component(pipe.transformer, args.out / "transformer.safetensors")  # each phase's result, in case
     load_component(pipe.transformer, args.out / "transformer.safetensors")
     own, other = heldout_losses(pipe.transformer, heldout)
     print(f"transformer: held-out loss {own:.4f} with its own control, {other:.4f} with another's "
           f"({other / own:.2f}x)")  # fmt: skip
+    print(f"sampled 'keep it the same' (8 steps): PSNR {sampled_identity_psnr(pipe):.1f} dB to the control")
+
+
+@torch.no_grad()
+def sampled_identity_psnr(pipe, count: int = 8, steps: int = 8) -> float:
+    """Mean PSNR of `count` unseen images against what the pipeline samples for them with "keep it the same":
+    how well the base follows its control when it edits, as validation and `infer` run it."""
+    images = image_set(count, 0.5, np.random.default_rng(7))
+    pipe.set_progress_bar_config(disable=True)
+    scores = []
+    for i, image in enumerate(images):
+        output = pipe(
+            image=Image.fromarray((image * 255).round().astype(np.uint8)), prompt="keep it the same", height=SIZE,
+            width=SIZE, max_area=SIZE * SIZE, _auto_resize=False, num_inference_steps=steps, guidance_scale=1.0,
+            max_sequence_length=MAX_SEQUENCE_LENGTH, output_type="np", generator=torch.Generator().manual_seed(i),
+        ).images[0]  # fmt: skip
+        scores.append(psnr(to_pixels(output[None].astype(np.float32)), to_pixels(image[None])))
+    return float(np.mean(scores))
 
 
 if __name__ == "__main__":

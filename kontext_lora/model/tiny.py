@@ -57,7 +57,7 @@ EDITOR_COMPONENTS = ("vae", "transformer", "text_encoder", "text_encoder_2")  # 
 # group: a GroupNorm of one channel per group would normalise away each channel's mean, i.e. an image's colour.
 EDITOR_VAE = {
     **TINY_VAE,
-    "block_out_channels": (8, 16, 32, 64),
+    "block_out_channels": (32, 32, 64, 64),
     "norm_num_groups": 1,
     "mid_block_add_attention": False,
     "sample_size": 128,

@@ -74,7 +74,7 @@ def validation_items(cfg: Config, heldout: list[Triple] = ()) -> list[Validation
     """Load the configured examples, the heldout_path triples and `heldout` (all images read now: bad files fail
     before training, naming the file)."""
     resolution = cfg.data.resolution
-    crop = lambda path: _to_image(image_to_tensor(load_image(path), resolution))  # noqa: E731
+    crop = lambda path: to_image(image_to_tensor(load_image(path), resolution))  # noqa: E731
     items = []
     for i, example in enumerate(cfg.validation.examples):
         mask = _mask(example.mask, resolution) if example.mask else None
@@ -328,7 +328,7 @@ def _read_best(out_dir: Path, metric: str) -> dict[str, Any] | None:
     return best if best.get("metric") == metric and isinstance(best.get("value"), (int, float)) else None
 
 
-def _to_image(pixels: torch.Tensor) -> Image.Image:
+def to_image(pixels: torch.Tensor) -> Image.Image:
     """(3, R, R) in [-1, 1] -> RGB image."""
     array = ((pixels.permute(1, 2, 0) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
     return Image.fromarray(array)

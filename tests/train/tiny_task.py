@@ -1,6 +1,6 @@
 """A small learning task on the tiny model, shared by the training-feature tests (encoded once per session).
 
-As in test_learning.py: smooth random colour images through the tiny model's real VAE, the target latent the
+Smooth random colour images through the tiny model's real VAE, the target latent the
 negated control latent (an edit only the control tokens can explain). 32 px images: 2x2 target tokens, so a few
 training steps run in well under a second on a free CPU.
 """
