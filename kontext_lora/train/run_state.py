@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from kontext_lora.atomic import atomic_path
+from kontext_lora.atomic import atomic_write_text
 from kontext_lora.config import Config, to_dict
 from kontext_lora.errors import UserError
 from kontext_lora.export.diffusers_format import WEIGHT_NAME, read_lora_file, save_diffusers_lora
@@ -53,8 +53,7 @@ def truncate_metrics(out_dir: Path, step: int) -> None:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):  # a line torn by the kill that stopped the previous run
             continue
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def start_or_resume(cfg: Config, out_dir: Path, state: RunState) -> int:
