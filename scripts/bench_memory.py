@@ -124,7 +124,7 @@ def run_child(args: argparse.Namespace) -> None:
     from accelerate import Accelerator
 
     from kontext_lora.model.lora import inject_lora
-    from kontext_lora.train.loop import training_step
+    from kontext_lora.train.objective import training_step
     from kontext_lora.train.optim import build_optimizer
 
     overrides = json.loads(args.overrides)

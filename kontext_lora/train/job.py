@@ -68,6 +68,14 @@ def free_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def peak_allocated_gib(device: torch.device) -> float | None:
+    """Peak memory allocated on the accelerator since the current phase began (`JobLog.phase` resets it), in GiB;
+    None on CPU, where torch does not track it."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / GIB
+    return None
+
+
 class JobLog:
     """Per-phase wall time and allocator peaks (GiB) of one job, written to `path` as JSON after every phase.
 
