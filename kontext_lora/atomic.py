@@ -12,6 +12,10 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # for the type hint only: this module stays standard library at run time
+    from PIL.Image import Image
 
 
 @contextmanager
@@ -25,6 +29,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Write `text` to `path` through `atomic_path`: a reader sees the old file or the new one, never half of it."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding=encoding)
+    return Path(path)
+
+
+def atomic_save_image(image: Image, path: str | os.PathLike, format: str, **options: Any) -> Path:
+    """Save a PIL image to `path` through `atomic_path` (`image.save(tmp, format=format, **options)`): the format
+    is named because the temp file's suffix says nothing of it."""
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=format, **options)
+    return Path(path)
 
 
 @contextmanager

@@ -828,6 +828,21 @@ def to_dict(cfg: Config) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
 
 
+def to_flat_dict(tree: dict, prefix: str = "") -> dict[str, int | float | str | bool]:
+    """`to_dict`'s tree as {"train.lr": 0.0001, ...}, every value a scalar (tensorboard's hparams take no other);
+    a list or None becomes its str()."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(to_flat_dict(value, name + "."))
+        elif isinstance(value, (int, float, str, bool)):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
+
+
 def describe_keys(schema: type = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
     """(key, type, default, doc) of every declared key, for the docs and `kontext-lora keys`."""
     rows = []

@@ -106,7 +106,7 @@ def ours_step_fn(transformer: torch.nn.Module, batch, device: torch.device, over
 
     from kontext_lora.model.lora import inject_lora
     from kontext_lora.model.speed import apply_memory_and_speed
-    from kontext_lora.train.loop import training_step
+    from kontext_lora.train.objective import training_step
     from kontext_lora.train.optim import build_optimizer
 
     cfg = bench_config(overrides)

@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 from _bench_common import build_transformer, last_lines, make_batch, randomize_lora_b, run_for_result
 
+from kontext_lora.atomic import atomic_write_text
+
 GIB = 2**30
 EAGER_CKPT = ["speed.compile=none", "train.gradient_checkpointing=true"]
 COMPILED_CKPT = ["speed.compile=blocks", "train.gradient_checkpointing=true"]
@@ -122,7 +124,7 @@ def run_child(args: argparse.Namespace) -> None:
     from accelerate import Accelerator
 
     from kontext_lora.model.lora import inject_lora
-    from kontext_lora.train.loop import training_step
+    from kontext_lora.train.objective import training_step
     from kontext_lora.train.optim import build_optimizer
 
     overrides = json.loads(args.overrides)
@@ -279,10 +281,7 @@ def main() -> None:
         print("\n".join(output.splitlines()[-3:]) if row["status"] == "ok" else output[-2000:], flush=True)
         rows.append(row)
         payload = {"card": card, "total_gib": total, "h2d_gbps": rate, "rows": rows}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(f".{args.out.name}.tmp")
-        tmp.write_text(json.dumps(payload, indent=1))
-        os.replace(tmp, args.out)  # atomic: a run cut short still leaves a readable file
+        atomic_write_text(args.out, json.dumps(payload, indent=1))  # a run cut short still leaves a readable file
     print_table(rows, card)
 
 

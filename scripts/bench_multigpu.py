@@ -41,7 +41,8 @@ def run_child(args: argparse.Namespace) -> None:
 
     from kontext_lora.model.lora import inject_lora, lora_parameters
     from kontext_lora.model.speed import apply_speed
-    from kontext_lora.train.loop import _deepspeed_batch_size, micro_batch_seed, training_step
+    from kontext_lora.train.batches import set_deepspeed_batch_size
+    from kontext_lora.train.objective import micro_batch_seed, training_step
     from kontext_lora.train.optim import build_optimizer
 
     overrides = OVERRIDES if not args.tiny else ["speed.attention_backend=auto", "speed.compile=none"]
@@ -53,7 +54,7 @@ def run_child(args: argparse.Namespace) -> None:
     randomize_lora_b(transformer)
     applied = apply_speed(transformer, cfg.speed, cfg.train.gradient_checkpointing, device)
     optimizer = build_optimizer(lora_parameters(transformer), cfg)
-    _deepspeed_batch_size(accelerator, cfg)  # as fit() does: DeepSpeed reads it from a loader we don't prepare
+    set_deepspeed_batch_size(accelerator, cfg.train.batch_size)  # as fit() does: the loader is not prepared
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
     params = lora_parameters(accelerator.unwrap_model(transformer))
     accelerator.print(f"[{args.child}] {accelerator.distributed_type}, {accelerator.num_processes} process(es), "

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from kontext_lora.atomic import atomic_write_text
+
 # Eager, flash attention, every block checkpointed: the same compute whatever N (swapped blocks are checkpointed).
 OVERRIDES = ["speed.attention_backend=flash", "speed.compile=none", "train.gradient_checkpointing=true"]
 
@@ -122,9 +124,8 @@ def main() -> None:
             print(output[-3000:], flush=True)
         row.update(label=label, wall_s=time.perf_counter() - started)
         rows.append(row)
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(json.dumps({"overrides": OVERRIDES, "compile": args.compile, "rows": rows}, indent=1))
-        tmp.replace(args.out)
+        record = {"overrides": OVERRIDES, "compile": args.compile, "rows": rows}
+        atomic_write_text(args.out, json.dumps(record, indent=1))
     print_table(rows)
 
 

@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kontext_lora.atomic import atomic_path, umask_mode
+from kontext_lora.atomic import atomic_path, atomic_write_text, umask_mode
 from kontext_lora.data.triples import DataError, ImageRef, RowImage
 
 SHARD_SUFFIX = ".safetensors"
@@ -108,8 +108,7 @@ def folder_identity(
             digest.update(file_digest(path.resolve(), index).encode())
     _FOLDER_DIGESTS.update(index)
     if index_path is not None and index != known:
-        with atomic_path(index_path) as tmp:
-            tmp.write_text(json.dumps(index, indent=1, sort_keys=True))
+        atomic_write_text(index_path, json.dumps(index, indent=1, sort_keys=True))
     return digest.hexdigest()[:24]
 
 
@@ -239,11 +238,10 @@ class ShardWriter:
             return
         self.cache.folder.mkdir(parents=True, exist_ok=True)
         path = self.cache.folder / f"{self.prefix}-{uuid.uuid4().hex[:16]}{SHARD_SUFFIX}"
-        tmp = path.with_suffix(".tmp")
         digests = {name: tensor_digest(tensor) for name, tensor in self.pending.items()}
-        save_file(self.pending, str(tmp), metadata=digests)
-        os.chmod(tmp, umask_mode())  # safetensors creates files 0600
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:  # its temp name ends in .tmp: `lock` removes those an interrupted run left
+            save_file(self.pending, str(tmp), metadata=digests)
+            os.chmod(tmp, umask_mode())  # safetensors creates files 0600
         for name in self.pending:
             self.cache.index.setdefault(name, []).insert(0, path)
             self.cache.digests[(path, name)] = digests[name]

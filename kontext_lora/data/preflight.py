@@ -19,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from kontext_lora.atomic import atomic_save_image
 from kontext_lora.config import DataConfig, DatasetConfig
 from kontext_lora.data.buckets import bucket_list, nearest_bucket, upscale_factor
 from kontext_lora.data.sources import discover_dataset
@@ -258,9 +259,4 @@ def write_contact_sheet(report: PreflightReport, path: str | os.PathLike, sample
         caption = " / ".join(triple.captions)
         lines = [triple.stem] + textwrap.wrap(caption or "(empty caption)", 56)[: cell // 14 - 1]
         draw.multiline_text((8 + columns * (cell + 8), y), "\n".join(lines), fill="black", font=font)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    sheet.save(tmp, format="JPEG", quality=90)
-    os.replace(tmp, path)
-    return path
+    return atomic_save_image(sheet, path, "JPEG", quality=90)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from kontext_lora.atomic import atomic_write_text
 from kontext_lora.config import Config, load_config
 from kontext_lora.planner.count import GIB, count_encoders, count_model
 from kontext_lora.planner.prediction import (
@@ -271,10 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         print_tier_speed(tiers, calib)
     print(json.dumps({s: calib[s]["constants"] for s in ("memory", "time", "job")}, indent=1))
     if args.write:
-        from kontext_lora.atomic import atomic_path
-
-        with atomic_path(CALIBRATION_PATH) as tmp:
-            tmp.write_text(json.dumps(calib, indent=1) + "\n")
+        atomic_write_text(CALIBRATION_PATH, json.dumps(calib, indent=1) + "\n")
         print(f"written to {CALIBRATION_PATH}")
     else:
         print("(not written: add --write)")

@@ -16,10 +16,11 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+from kontext_lora.atomic import atomic_write_text
 from kontext_lora.config import Config, ConfigError, load_config, to_yaml
 from kontext_lora.run_files import LOG_NAME
 from kontext_lora.sweep.spec import Run, Sweep
-from kontext_lora.sweep.state import CONFIG_NAME, atomic_write_text, run_state, write_status
+from kontext_lora.sweep.state import CONFIG_NAME, run_state, write_status
 
 LAUNCHERS = ("inprocess", "accelerate")
 ERROR_NAME = "error.txt"  # the full traceback of a failed run

@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
+from kontext_lora.atomic import atomic_write_text
 from kontext_lora.config import ConfigError, load_config
 from kontext_lora.sweep.execute import (
     CACHE_NAME,
@@ -19,7 +20,7 @@ from kontext_lora.sweep.execute import (
     train_command,
 )
 from kontext_lora.sweep.spec import Sweep, is_int_range, is_log_range
-from kontext_lora.sweep.state import CONFIG_NAME, STATUS_NAME, atomic_write_text, write_status
+from kontext_lora.sweep.state import CONFIG_NAME, STATUS_NAME, write_status
 
 SLURM_NAME = "sweep.slurm"
 WANDB_NAME = "wandb_sweep.yaml"

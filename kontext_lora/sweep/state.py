@@ -6,19 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kontext_lora.atomic import atomic_path
+from kontext_lora.atomic import atomic_write_text
 from kontext_lora.run_files import ADAPTER_NAME, CONFIG_NAME, METRICS_NAME, STATUS_NAME  # noqa: F401
 
 # done: finished, adapter written. failed: stopped with an error (status.json has it). running: started and never
 # came back (killed). interrupted: Ctrl-C. incomplete: metrics but no finished adapter (killed outside the sweep).
 # pending: never started.
 STATES = ("done", "failed", "running", "interrupted", "incomplete", "pending")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder and os.replace, so a killed sweep never leaves half a file."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
 
 
 def write_status(run_dir: Path, status: str, **fields: Any) -> None:

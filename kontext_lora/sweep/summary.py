@@ -20,9 +20,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from kontext_lora.atomic import atomic_path
+from kontext_lora.atomic import atomic_path, atomic_write_text
 from kontext_lora.sweep.spec import Sweep, dotlist_value
-from kontext_lora.sweep.state import CONFIG_NAME, atomic_write_text, read_metrics, read_status, run_state
+from kontext_lora.sweep.state import CONFIG_NAME, read_metrics, read_status, run_state
 
 CSV_NAME = "sweep_summary.csv"
 MD_NAME = "sweep_summary.md"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from kontext_lora.atomic import atomic_path
+from kontext_lora.atomic import atomic_write_text
 from kontext_lora.errors import UserError
 from kontext_lora.model.device import device_limit_bytes
 from kontext_lora.run_files import JOB_NAME  # noqa: F401  (imported from here by the loop and the bench)
@@ -66,6 +66,14 @@ def free_accelerator_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def peak_allocated_gib(device: torch.device) -> float | None:
+    """Peak memory allocated on the accelerator since the current phase began (`JobLog.phase` resets it), in GiB;
+    None on CPU, where torch does not track it."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / GIB
+    return None
 
 
 class JobLog:
@@ -127,8 +135,7 @@ class JobLog:
         """Write the record now (the training loop calls this at checkpoints and at the end)."""
         if not self.write:
             return
-        with atomic_path(self.path) as tmp:
-            tmp.write_text(json.dumps(self.record, indent=1, sort_keys=True), encoding="utf-8")
+        atomic_write_text(self.path, json.dumps(self.record, indent=1, sort_keys=True))
 
 
 def read_job(path: str | Path) -> dict:

@@ -1,98 +1,46 @@
-"""The training recipe: config -> data -> model + LoRA -> accelerate loop -> diffusers-format adapter."""
+"""The training recipe: config -> data -> model + LoRA -> accelerate loop -> diffusers-format adapter.
+
+`train` checks the data, fills the cache and loads the model; `fit` trains the LoRA on the cached encodings: its
+setup functions build the adapter, the data stream, the optimizer and scheduler, and its loop runs the steps.
+What a step computes is in objective.py, the data stream in batches.py, the run folder's state in run_state.py.
+"""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from kontext_lora.config import Config, to_dict, to_yaml
-from kontext_lora.data.buckets import BucketBatchSampler, ShardedBatches, bucket_table
-from kontext_lora.data.plan import bucket_keys_of, build_plan
+from kontext_lora.config import Config, to_dict, to_flat_dict, to_yaml
+from kontext_lora.data.buckets import bucket_table
+from kontext_lora.data.plan import build_plan
 from kontext_lora.data.preflight import preflight, write_contact_sheet
 from kontext_lora.data.triples import DataError
 from kontext_lora.export.card import comfyui_note
 from kontext_lora.export.diffusers_format import WEIGHT_NAME
-from kontext_lora.export.formats import export_file_names, read_adapter
+from kontext_lora.export.formats import export_file_names
 from kontext_lora.model.load import load_transformer, prepare_model_folder
-from kontext_lora.model.lora import inject_lora, load_adapter_state, lora_parameters
+from kontext_lora.model.lora import lora_parameters
 from kontext_lora.model.quant import quantization_report
 from kontext_lora.model.speed import apply_memory_and_speed, validation_mode
 from kontext_lora.planner import apply_budget
 from kontext_lora.progress import progress_bar
 from kontext_lora.train import checkpoint, run_state
+from kontext_lora.train.adapter import add_adapter
+from kontext_lora.train.batches import set_deepspeed_batch_size, training_batches
 from kontext_lora.train.ema import AdapterEMA
-from kontext_lora.train.encode import (
-    cached_dataset,
-    collate_encoded,
-    load_encoders,
-    place_encoders,
-    release_encoders,
-)
-from kontext_lora.train.job import JOB_NAME, JobLog, JobOutOfMemory, free_accelerator_memory
-from kontext_lora.train.objective import LatentBatch, flow_matching_loss, sample_sigmas
+from kontext_lora.train.encode import cached_dataset, load_encoders, place_encoders, release_encoders
+from kontext_lora.train.job import JOB_NAME, JobLog, JobOutOfMemory, peak_allocated_gib
+from kontext_lora.train.objective import micro_batch_seed, training_step
 from kontext_lora.train.optim import NonFiniteGuard, build_optimizer
-from kontext_lora.train.run_state import RunState, TrainingError  # noqa: F401  (TrainingError: the loop's errors)
+from kontext_lora.train.run_state import RunState, TrainingError
 from kontext_lora.train.stop import TrainingStopped, requested, stop_on_signal
-
-
-def training_step(
-    transformer: torch.nn.Module, batch: LatentBatch, cfg: Config, generator: torch.Generator
-) -> torch.Tensor:
-    """One micro-batch: draw noise and sigmas (cfg.loss) from `generator` only, return the loss (scalar)."""
-    if cfg.speed.cuda_graphs:
-        torch.compiler.cudagraph_mark_step_begin()  # a new step: the last step's graph outputs may be overwritten
-    noise = torch.randn(batch.target_latents.shape, generator=generator, device=generator.device)
-    target_tokens = (noise.shape[-2] // 2) * (noise.shape[-1] // 2)  # the flux shift's mu counts target tokens
-    sigmas = sample_sigmas(noise.shape[0], generator, cfg.train.logit_mean, cfg.train.logit_std, loss=cfg.loss,
-                           target_tokens=target_tokens)  # fmt: skip
-    return flow_matching_loss(
-        transformer, batch, sigmas.to(batch.target_latents.device), noise.to(batch.target_latents.device),
-        cfg.model.guidance, cfg.loss,
-    )  # fmt: skip
-
-
-class _Batches:
-    """Endless iterator over the loader that counts the micro-batches handed out: the data position.
-
-    The loader's batch sampler is a `ShardedBatches`; resuming (`skip`) positions it after the consumed batches
-    without reading them, so a resume costs nothing however large the cache. Batches come out on `device`.
-    """
-
-    def __init__(self, loader: DataLoader, device: torch.device, num_processes: int = 1, process_index: int = 0):
-        self._loader, self._batches = loader, None  # ShardedBatches never ends: one iterator for the whole run
-        self.device, self.num_processes, self.process_index = device, num_processes, process_index
-        self.consumed = 0
-
-    @property
-    def global_index(self) -> int:
-        """Index of the last micro-batch handed out, counted over all processes (see `ShardedBatches`)."""
-        return (self.consumed - 1) * self.num_processes + self.process_index
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self._batches is None:
-            self._batches = iter(self._loader)
-        self.consumed += 1
-        return next(self._batches).to(self.device)
-
-    def skip(self, count: int) -> None:
-        """Continue after this process's first `count` micro-batches; only before the first batch is drawn."""
-        if self.consumed:
-            raise RuntimeError("_Batches.skip must come before the first batch is drawn")
-        self._loader.batch_sampler.skip(count)
-        # The iterator is made now, as the interrupted run had made it by then: making one draws the loader's base
-        # seed from the global RNG, which the resume restores afterwards.
-        self._batches = iter(self._loader)
-        self.consumed = count
+from kontext_lora.train.validation import Validator, split_heldout, validation_items
 
 
 def train(cfg: Config) -> Path:
@@ -109,8 +57,6 @@ def train(cfg: Config) -> Path:
     plan = build_plan(cfg.data, report)
     items = None
     if cfg.validation.every:  # validation images are read now too, so a bad one fails before the model loads
-        from kontext_lora.train.validation import split_heldout, validation_items
-
         heldout: list = []
         if cfg.validation.heldout_count:
             plan, heldout = split_heldout(plan, cfg.validation.heldout_count, cfg.train.seed)
@@ -122,9 +68,7 @@ def train(cfg: Config) -> Path:
     # memory.budget_gib: the planner's knobs for the buckets in use, recorded in the run's config.yaml below.
     cfg = apply_budget(cfg, accelerator.print, bucket_keys=[sample.bucket_key for sample in plan])
     out_dir = Path(cfg.output.dir)
-    with run_state.run_lock(
-        out_dir, enabled=main
-    ):  # held until the run ends: one run reads and writes a folder at a time
+    with run_state.run_lock(out_dir, enabled=main):  # held until the run ends: one run per folder at a time
         run_state.resume_folder(cfg, out_dir)  # a bad train.resume fails now, not after the model has loaded
         if main:  # a missing or damaged model file too, before anything is written in the run folder
             prepare_model_folder(cfg.model)
@@ -149,8 +93,6 @@ def _load_and_fit(cfg: Config, plan: list, items: list | None, accelerator: Acce
         encoded = cached_dataset(cfg, plan, pipe, accelerator, show_progress=main)
         validator = None
         if items is not None:  # encodes the validation prompts now; keeps the VAE for sampling
-            from kontext_lora.train.validation import Validator
-
             validator = Validator(cfg, pipe, items, accelerator)
         release_encoders(pipe, keep_vae=validator is not None)
         if validator is not None:
@@ -164,12 +106,8 @@ def _load_and_fit(cfg: Config, plan: list, items: list | None, accelerator: Acce
     return fit(cfg, transformer, encoded, accelerator, validator=validator, job=job)
 
 
-def micro_batch_seed(seed: int, global_index: int) -> int:
-    """Seed of global micro-batch `global_index`'s noise and sigmas: the same whichever process draws it."""
-    return int(np.random.SeedSequence([seed, global_index]).generate_state(1, np.uint64)[0])
-
-
 def _accelerator(cfg: Config) -> Accelerator:
+    """The run's Accelerator: mixed precision, gradient accumulation and the tracker from the config."""
     return Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation,
@@ -179,16 +117,8 @@ def _accelerator(cfg: Config) -> Accelerator:
 
 
 @stop_on_signal  # SIGTERM / SIGINT: checkpoint at the next step boundary, then TrainingStopped
-def fit(
-    cfg: Config,
-    transformer: torch.nn.Module,
-    encoded: Dataset,
-    accelerator: Accelerator | None = None,
-    *,
-    pipeline=None,
-    validator=None,
-    job: JobLog | None = None,
-) -> Path:
+def fit(cfg: Config, transformer: torch.nn.Module, encoded: Dataset, accelerator: Accelerator | None = None, *,
+        pipeline=None, validator: Validator | None = None, job: JobLog | None = None) -> Path:  # fmt: skip
     """Inject the LoRA into `transformer` and train it on cached encodings; returns the final adapter's path.
 
     Validation (validation.every) needs a `validator` (see train()) or the FluxKontextPipeline whose transformer
@@ -200,7 +130,7 @@ def fit(
 
 
 def _fit(cfg: Config, transformer: torch.nn.Module, encoded: Dataset, accelerator: Accelerator, pipeline,
-         validator, job: JobLog | None) -> Path:  # fmt: skip
+         validator: Validator | None, job: JobLog | None) -> Path:  # fmt: skip
     out_dir = Path(cfg.output.dir)
     if accelerator.is_main_process:  # done by train() already; fit() may be called on its own (before the trackers)
         run_state.claim(cfg, out_dir)
@@ -208,54 +138,19 @@ def _fit(cfg: Config, transformer: torch.nn.Module, encoded: Dataset, accelerato
     # caching drew before (which differs between a cold and a warm cache, and between processes).
     set_seed(cfg.train.seed)
     job = job or JobLog(out_dir / JOB_NAME, accelerator.device, write=accelerator.is_main_process)
-    with job.phase("setup"):
-        inject_lora(transformer, cfg.lora)
-        if cfg.lora.init_from:
-            _init_from_file(transformer, cfg)
-        applied = apply_memory_and_speed(transformer, cfg, accelerator.device)
-    accelerator.print(f"[kontext-lora] fast path: {applied}, base_quant: {quantization_report(transformer)}")
-    params = lora_parameters(transformer)
-
-    # One bucket per batch, in an order fixed by (train.seed, epoch): batch k of a run is reproducible. With N
-    # processes, global micro-batch k goes to process k % N (ShardedBatches): the loader is ours, not prepared by
-    # accelerate, whose per-epoch sharding pads uneven epochs with repeated batches.
-    sampler = BucketBatchSampler(
-        bucket_keys_of(encoded), cfg.train.batch_size, cfg.train.seed,
-        weights=encoded.sample_weights() if hasattr(encoded, "sample_weights") else None,
-        with_draw_seed=getattr(encoded, "takes_draw_seed", False),
-    )  # fmt: skip
-    shard = ShardedBatches(sampler, accelerator.num_processes, accelerator.process_index)
-    loader = DataLoader(
-        encoded, batch_sampler=shard, collate_fn=collate_encoded, num_workers=cfg.data.num_workers,
-        persistent_workers=cfg.data.num_workers > 0,
-    )  # fmt: skip
-    optimizer = build_optimizer(params, cfg)
-    scheduler = get_scheduler(
-        cfg.train.scheduler, optimizer, num_warmup_steps=cfg.train.warmup_steps * accelerator.num_processes,
-        num_training_steps=cfg.train.steps * accelerator.num_processes,
-    )  # fmt: skip
-    _deepspeed_batch_size(accelerator, cfg)
+    _setup_model(cfg, transformer, accelerator, job)
+    batches = training_batches(encoded, cfg, accelerator)
+    optimizer, scheduler = _setup_optimizer(cfg, transformer, accelerator)
+    set_deepspeed_batch_size(accelerator, cfg.train.batch_size)
     transformer, optimizer, scheduler = accelerator.prepare(transformer, optimizer, scheduler)
     params = lora_parameters(accelerator.unwrap_model(transformer))  # FSDP2 replaces them with sharded ones
-    if cfg.logging.report_to != "none":
-        wandb = cfg.logging.report_to == "wandb"
-        accelerator.init_trackers(
-            cfg.logging.wandb_project if wandb else "logs", config=_flat_hparams(to_dict(cfg)),
-            init_kwargs={"wandb": {"mode": cfg.logging.wandb_mode, "dir": str(out_dir), "name": out_dir.name,
-                                   "group": cfg.logging.wandb_group or None}} if wandb else {},
-        )  # fmt: skip
-
+    _setup_trackers(cfg, accelerator, out_dir)
     # Reseeded per micro-batch from its global index (micro_batch_seed): N processes draw the noise one would.
     noise_generator = torch.Generator(device=accelerator.device)
     ema = AdapterEMA(params, cfg.ema) if cfg.ema.enabled else None
     save = run_state.adapter_saver(accelerator, transformer, cfg, ema)
     guard = NonFiniteGuard(cfg.optim.nonfinite_limit)
-    batches = _Batches(loader, accelerator.device, accelerator.num_processes, accelerator.process_index)
-    if validator is None and pipeline is not None and cfg.validation.every:
-        from kontext_lora.train.validation import Validator, validation_items
-
-        validator = Validator(cfg, pipeline, validation_items(cfg), accelerator)
-    validator = validator if cfg.validation.every else None
+    validator = _setup_validator(cfg, validator, pipeline, accelerator)
     state = RunState(accelerator, transformer, optimizer, scheduler, ema, batches, noise_generator)
     step = run_state.start_or_resume(cfg, out_dir, state)
     progress = progress_bar(total=cfg.train.steps, initial=step, desc="training", unit="step",
@@ -276,13 +171,7 @@ def _fit(cfg: Config, transformer: torch.nn.Module, encoded: Dataset, accelerato
                         param.grad = None
                     if not guard.exhausted:
                         continue
-                    folder = checkpoint.step_dir(out_dir, step)
-                    # A complete checkpoint of this step already holds this adapter: it is never written over.
-                    path = folder / WEIGHT_NAME if checkpoint.is_complete(folder) else save(step, folder)
-                    raise TrainingError(
-                        f"loss is {loss.item()} at step {step + 1}, {guard.in_a_row} non-finite in a row (try a lower "
-                        f"train.lr or mixed_precision=no); the adapter of step {step} was saved to {path}"
-                    )
+                    raise _nonfinite_error(loss, guard, step, out_dir, save)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
@@ -295,26 +184,19 @@ def _fit(cfg: Config, transformer: torch.nn.Module, encoded: Dataset, accelerato
             step, step_start = step + 1, batches.consumed
             if ema is not None:
                 ema.update(step)
-            seconds = time.perf_counter() - tick
-            logs = {"loss": _mean_over_processes(accelerator, loss_sum / micro), "lr": scheduler.get_last_lr()[0],
-                    "s_per_step": seconds}  # fmt: skip
+            _log_step(cfg, accelerator, progress, step, loss_sum / micro, scheduler, time.perf_counter() - tick)
             loss_sum, micro = 0.0, 0
-            progress.update(1)
-            progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", s_step=f"{seconds:.2f}")
-            if step % cfg.logging.log_every == 0:
-                accelerator.log(logs, step=step)
-            if accelerator.is_main_process:
-                run_state.append_metrics(out_dir, {"step": step, **logs, "peak_gib": _peak_gib(accelerator.device)})
             if validator is not None and step % cfg.validation.every == 0 and step < cfg.train.steps:
                 _validate(validator, transformer, step, save, ema, job, accelerator, final=False)
-            if cfg.output.save_every and (step % cfg.output.save_every == 0 or step == cfg.train.steps):
-                with job.phase("save"):  # the last step's too: a resume of a finished run is a no-op
+            saved = cfg.output.save_every and (step % cfg.output.save_every == 0 or step == cfg.train.steps)
+            if saved:  # the last step's too: a resume of a finished run is a no-op
+                with job.phase("save"):
                     state.save(step, out_dir, save, cfg.output.keep_last)
             if step < cfg.train.steps and (signal_name := requested(accelerator)):
-                path = checkpoint.step_dir(out_dir, step)
-                if not (cfg.output.save_every and step % cfg.output.save_every == 0):  # else written just above
+                if not saved:
                     state.save(step, out_dir, save, cfg.output.keep_last)
                 accelerator.end_training()
+                path = checkpoint.step_dir(out_dir, step)
                 raise TrainingStopped(f"stopped by {signal_name} at step {step}; checkpoint {path} kept, continue "
                                       "with train.resume=latest")  # fmt: skip
             tick = time.perf_counter()  # s_per_step times the step itself: not the validation or the save after it
@@ -325,96 +207,93 @@ def _fit(cfg: Config, transformer: torch.nn.Module, encoded: Dataset, accelerato
             _validate(validator, transformer, step, save, ema, job, accelerator, final=True)
     except JobOutOfMemory as exc:
         loss = batch = None  # noqa: F841  (drop the failed step's graph before the checkpoint is written)
-        raise TrainingError(_save_after_oom(exc, state, step, step_start, out_dir, save, cfg)) from None
+        raise TrainingError(state.save_after_oom(exc, step, step_start, out_dir, save, cfg.output.keep_last)) from None
     finally:
         progress.close()  # before any error line, which would otherwise land inside the bar
         job.flush()
     accelerator.end_training()
+    _report(cfg, accelerator, final, validator)
+    return final
+
+
+def _setup_model(cfg: Config, transformer: torch.nn.Module, accelerator: Accelerator, job: JobLog) -> None:
+    """The LoRA injected (from lora.init_from when set), then the memory and speed settings applied to the model."""
+    with job.phase("setup"):
+        add_adapter(transformer, cfg)
+        applied = apply_memory_and_speed(transformer, cfg, accelerator.device)
+    accelerator.print(f"[kontext-lora] fast path: {applied}, base_quant: {quantization_report(transformer)}")
+
+
+def _setup_optimizer(cfg: Config, transformer: torch.nn.Module, accelerator: Accelerator) -> tuple:
+    """The optimizer over the LoRA parameters and its learning-rate schedule (counted in scheduler steps: accelerate
+    steps a prepared scheduler once per process each optimizer step)."""
+    optimizer = build_optimizer(lora_parameters(transformer), cfg)
+    scheduler = get_scheduler(
+        cfg.train.scheduler, optimizer, num_warmup_steps=cfg.train.warmup_steps * accelerator.num_processes,
+        num_training_steps=cfg.train.steps * accelerator.num_processes,
+    )  # fmt: skip
+    return optimizer, scheduler
+
+
+def _setup_trackers(cfg: Config, accelerator: Accelerator, out_dir: Path) -> None:
+    """logging.report_to's tracker (tensorboard / wandb), given the whole config as its hyperparameters."""
+    if cfg.logging.report_to == "none":
+        return
+    wandb = cfg.logging.report_to == "wandb"
+    accelerator.init_trackers(
+        cfg.logging.wandb_project if wandb else "logs", config=to_flat_dict(to_dict(cfg)),
+        init_kwargs={"wandb": {"mode": cfg.logging.wandb_mode, "dir": str(out_dir), "name": out_dir.name,
+                               "group": cfg.logging.wandb_group or None}} if wandb else {},
+    )  # fmt: skip
+
+
+def _setup_validator(cfg: Config, validator: Validator | None, pipeline, accelerator: Accelerator) -> Validator | None:
+    """The validator to use: the one given, else one built from `pipeline`; None when validation.every is 0."""
+    if validator is None and pipeline is not None and cfg.validation.every:
+        validator = Validator(cfg, pipeline, validation_items(cfg), accelerator)
+    return validator if cfg.validation.every else None
+
+
+def _log_step(cfg: Config, accelerator: Accelerator, progress, step: int, loss: float, scheduler,
+              seconds: float) -> None:  # fmt: skip
+    """Show step `step` (its mean micro-batch loss on this process: `loss`) on the progress bar, send it to the
+    tracker every logging.log_every steps, and append it to metrics.jsonl."""
+    logs = {"loss": run_state.mean_over_processes(accelerator, loss), "lr": scheduler.get_last_lr()[0],
+            "s_per_step": seconds}  # fmt: skip
+    progress.update(1)
+    progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", s_step=f"{seconds:.2f}")
+    if step % cfg.logging.log_every == 0:
+        accelerator.log(logs, step=step)
+    if accelerator.is_main_process:
+        record = {"step": step, **logs, "peak_gib": peak_allocated_gib(accelerator.device)}
+        run_state.append_metrics(Path(cfg.output.dir), record)
+
+
+def _nonfinite_error(loss: torch.Tensor, guard: NonFiniteGuard, step: int, out_dir: Path, save) -> TrainingError:
+    """The error that ends a run after optim.nonfinite_limit non-finite losses in a row, the last good adapter saved."""
+    folder = checkpoint.step_dir(out_dir, step)
+    # A complete checkpoint of this step already holds this adapter: it is never written over.
+    path = folder / WEIGHT_NAME if checkpoint.is_complete(folder) else save(step, folder)
+    return TrainingError(
+        f"loss is {loss.item()} at step {step + 1}, {guard.in_a_row} non-finite in a row (try a lower "
+        f"train.lr or mixed_precision=no); the adapter of step {step} was saved to {path}"
+    )
+
+
+def _report(cfg: Config, accelerator: Accelerator, final: Path, validator: Validator | None) -> None:
+    """Print where the adapter went, how to use its ComfyUI export, and the validation summary."""
     accelerator.print(f"[kontext-lora] adapter written to {final}")
     comfyui = final.parent / export_file_names(Path(cfg.output.dir).name)["comfyui"]
     if comfyui.is_file():
         accelerator.print(f"[kontext-lora] {comfyui_note(str(comfyui), cfg.lora.rank, cfg.lora.alpha)}")
     if validator is not None:
         accelerator.print(validator.summary(final))
-    return final
 
 
-def _validate(validator, transformer, step: int, save, ema, job: JobLog, accelerator: Accelerator, final: bool):
+def _validate(validator: Validator, transformer: torch.nn.Module, step: int, save, ema: AdapterEMA | None, job: JobLog,
+              accelerator: Accelerator, final: bool) -> None:  # fmt: skip
     """Run validation in eval mode as its own job phase, on the eager model (`validation_mode`)."""
     transformer.eval()
     with job.phase("validation"), validation_mode(release_compiled=final):
         validator.run(step, accelerator.unwrap_model(transformer), save, ema)
     transformer.train()
-
-
-def _save_after_oom(exc: JobOutOfMemory, state, step: int, step_start: int, out_dir: Path, save, cfg: Config) -> str:
-    """Write a resumable checkpoint of the last completed step after an out-of-memory error; returns the message."""
-    for group in state.optimizer.param_groups:  # the failed step's gradients are not part of any step
-        for param in group["params"]:
-            param.grad = None
-    free_accelerator_memory()
-    if step == 0:
-        return f"{exc}; nothing was trained yet"
-    state.batches.consumed = step_start  # the failed step's micro-batches are drawn again on resume
-    try:
-        path = state.save(step, out_dir, save, cfg.output.keep_last)
-    except torch.OutOfMemoryError:
-        return f"{exc}; the checkpoint of step {step} could not be written either"
-    return f"{exc}; step {step} was saved to {path} (train.resume=latest continues from it)"
-
-
-def _mean_over_processes(accelerator: Accelerator, value: float) -> float:
-    """The mean of `value` over the processes (the step's loss over all its micro-batches, as one process logs)."""
-    if accelerator.num_processes == 1:
-        return value
-    return accelerator.reduce(torch.tensor([value], device=accelerator.device), reduction="mean").item()
-
-
-def _deepspeed_batch_size(accelerator: Accelerator, cfg: Config) -> None:
-    """DeepSpeed reads its micro-batch size from a prepared DataLoader; ours is not prepared, so it is set here."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is not None and plugin.is_auto("train_micro_batch_size_per_gpu"):
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
-
-
-def _peak_gib(device: torch.device) -> float | None:
-    """Peak memory allocated on the accelerator so far (GiB); None on CPU, where torch does not track it."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return None
-
-
-def _init_from_file(transformer: torch.nn.Module, cfg: Config) -> None:
-    """Load an existing LoRA (any supported format) into the freshly injected adapter.
-
-    lora_B is rescaled so each module's update (alpha / rank) * B @ A equals the file's under this config's alpha.
-    """
-    adapter = read_adapter(cfg.lora.init_from)
-    config_scale = cfg.lora.alpha / cfg.lora.rank
-    state = {}
-    for module, lora in adapter.modules.items():
-        if lora.rank != cfg.lora.rank or lora.extras:
-            raise TrainingError(
-                f"lora.init_from: {cfg.lora.init_from} has rank {lora.rank} at {module} (extras: "
-                f"{sorted(lora.extras) or 'none'}); set lora.rank={lora.rank} and a plain LoRA to continue it"
-            )
-        state[f"{module}.lora_A.weight"] = lora.down.float()
-        state[f"{module}.lora_B.weight"] = lora.up.float() * (lora.scale / config_scale)
-    try:
-        load_adapter_state(transformer, state)
-    except ValueError as exc:
-        raise TrainingError(f"lora.init_from: {cfg.lora.init_from}: {exc}") from None
-
-
-def _flat_hparams(tree: dict, prefix: str = "") -> dict:
-    """Flatten the config for trackers (tensorboard's hparams take scalars only)."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flat_hparams(value, name + "."))
-        elif isinstance(value, (int, float, str, bool)):
-            flat[name] = value
-        else:
-            flat[name] = str(value)
-    return flat

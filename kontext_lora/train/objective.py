@@ -6,6 +6,7 @@ sigma itself, as the pipeline passes t / 1000.
 
 Sigma sampling (`sample_sigmas`), the per-sample sigma weighting, the element-wise loss (MSE / L1 / Huber) and the
 region weights of target tokens (`token_weights`: loss mask, edit-region weighting) are configured by `LossConfig`.
+`training_step` is one micro-batch of it, its noise and sigmas drawn from a generator seeded by `micro_batch_seed`.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
-from kontext_lora.config import LossConfig
+from kontext_lora.config import Config, LossConfig
 from kontext_lora.model.kontext import kontext_inputs, pack_latents
 
 # The scheduler config of FLUX.1-Kontext-dev (FlowMatchEulerDiscreteScheduler), which the pipeline feeds to
@@ -200,3 +202,25 @@ def token_weights(batch: LatentBatch, loss: LossConfig) -> torch.Tensor | None:
         edit = loss.edit_floor + (1.0 - loss.edit_floor) * relative
         weights = edit if weights is None else weights * edit
     return weights
+
+
+def micro_batch_seed(seed: int, global_index: int) -> int:
+    """Seed of global micro-batch `global_index`'s noise and sigmas: the same whichever process draws it."""
+    return int(np.random.SeedSequence([seed, global_index]).generate_state(1, np.uint64)[0])
+
+
+def training_step(
+    transformer: torch.nn.Module, batch: LatentBatch, cfg: Config, generator: torch.Generator
+) -> torch.Tensor:
+    """One micro-batch: draw noise (B, 16, h, w) and sigmas (B,) (cfg.loss) from `generator` only, return the
+    loss (a scalar tensor)."""
+    if cfg.speed.cuda_graphs:
+        torch.compiler.cudagraph_mark_step_begin()  # a new step: the last step's graph outputs may be overwritten
+    noise = torch.randn(batch.target_latents.shape, generator=generator, device=generator.device)
+    target_tokens = (noise.shape[-2] // 2) * (noise.shape[-1] // 2)  # the flux shift's mu counts target tokens
+    sigmas = sample_sigmas(noise.shape[0], generator, cfg.train.logit_mean, cfg.train.logit_std, loss=cfg.loss,
+                           target_tokens=target_tokens)  # fmt: skip
+    return flow_matching_loss(
+        transformer, batch, sigmas.to(batch.target_latents.device), noise.to(batch.target_latents.device),
+        cfg.model.guidance, cfg.loss,
+    )  # fmt: skip

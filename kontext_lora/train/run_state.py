@@ -2,9 +2,10 @@
 
 The loop (loop.py) drives training; this module owns reading and writing the run folder through it: `RunState`
 saves step-NNNNNN/ checkpoints (the folder format and its verification: checkpoint.py) and restores them,
-`start_or_resume` begins a run or continues one, `append_metrics` / `truncate_metrics` keep metrics.jsonl in step
-with the checkpoints, and `adapter_saver` writes the adapter files. Under FSDP2 the tensors are gathered whole
-for writing and sharded again like their parameters on restore.
+`start_or_resume` begins a run or continues one, `RunState.save_after_oom` keeps the last completed step when one
+runs out of memory, `append_metrics` / `truncate_metrics` keep metrics.jsonl in step with the checkpoints
+(`mean_over_processes`: the loss they record), and `adapter_saver` writes the adapter files. Under FSDP2 the
+tensors are gathered whole for writing and sharded again like their parameters on restore.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from kontext_lora.atomic import atomic_path
+from kontext_lora.atomic import atomic_write_text
 from kontext_lora.config import Config, to_dict
 from kontext_lora.errors import UserError
 from kontext_lora.export.diffusers_format import WEIGHT_NAME, read_lora_file, save_diffusers_lora
@@ -26,6 +27,7 @@ from kontext_lora.export.formats import write_exports
 from kontext_lora.model.lora import adapter_state, load_adapter_state
 from kontext_lora.train import checkpoint
 from kontext_lora.train.ema import EMA_WEIGHT_NAME, AdapterEMA
+from kontext_lora.train.job import JobOutOfMemory, free_accelerator_memory
 
 
 class TrainingError(UserError, RuntimeError):
@@ -41,6 +43,13 @@ def append_metrics(out_dir: Path, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
+def mean_over_processes(accelerator: Accelerator, value: float) -> float:
+    """The mean of `value` over the processes (the step's loss over all its micro-batches, as one process logs)."""
+    if accelerator.num_processes == 1:
+        return value
+    return accelerator.reduce(torch.tensor([value], device=accelerator.device), reduction="mean").item()
+
+
 def truncate_metrics(out_dir: Path, step: int) -> None:
     """Drop metrics.jsonl records of steps after `step` (a resumed run writes them again), atomically."""
     path = out_dir / METRICS_NAME
@@ -53,8 +62,7 @@ def truncate_metrics(out_dir: Path, step: int) -> None:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):  # a line torn by the kill that stopped the previous run
             continue
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def start_or_resume(cfg: Config, out_dir: Path, state: RunState) -> int:
@@ -145,6 +153,23 @@ class RunState:
             checkpoint.prune(out_dir, keep_last)
         accelerator.wait_for_everyone()
         return final
+
+    def save_after_oom(self, exc: JobOutOfMemory, step: int, step_start: int, out_dir: Path, save_adapter,
+                       keep_last: int) -> str:  # fmt: skip
+        """Write a resumable checkpoint of the last completed step after an out-of-memory error in the step after
+        it (whose micro-batches began at data position `step_start`); returns the message that says so."""
+        for group in self.optimizer.param_groups:  # the failed step's gradients are not part of any step
+            for param in group["params"]:
+                param.grad = None
+        free_accelerator_memory()
+        if step == 0:
+            return f"{exc}; nothing was trained yet"
+        self.batches.consumed = step_start  # the failed step's micro-batches are drawn again on resume
+        try:
+            path = self.save(step, out_dir, save_adapter, keep_last)
+        except torch.OutOfMemoryError:
+            return f"{exc}; the checkpoint of step {step} could not be written either"
+        return f"{exc}; step {step} was saved to {path} (train.resume=latest continues from it)"
 
     def load(self, folder: Path) -> int:
         """Restore adapter, optimizer, scheduler, EMA, data position and RNG states; returns the step."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import re
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
+from kontext_lora.atomic import atomic_save_image, atomic_write_text
 from kontext_lora.config import Config
 from kontext_lora.data.triples import DataError, Triple, discover_triples, image_to_tensor, load_image
 from kontext_lora.export.formats import export_file_names
@@ -280,9 +280,7 @@ class Validator:
             for i, panel in enumerate(panels):
                 grid.paste(panel, (i * panels[0].width, 0))
             name = re.sub(r"[^A-Za-z0-9_.-]+", "_", item.name)
-            tmp = folder / f".{name}.png.tmp"
-            grid.save(tmp, format="PNG")
-            os.replace(tmp, folder / f"{name}.png")
+            atomic_save_image(grid, folder / f"{name}.png", "PNG")
             images[f"validation/{name}"] = np.asarray(grid)[None]  # (1, H, W, 3) uint8
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
@@ -307,9 +305,7 @@ class Validator:
         self.best = {"metric": metric, "value": value, "step": step, "adapter": f"{BEST_DIR}/"}
         if self.accelerator.is_main_process:
             checkpoint.replace_dir(tmp, final)
-            path = self.out_dir / BEST_JSON
-            (self.out_dir / f".{BEST_JSON}.tmp").write_text(json.dumps(self.best, indent=2))
-            os.replace(self.out_dir / f".{BEST_JSON}.tmp", path)
+            atomic_write_text(self.out_dir / BEST_JSON, json.dumps(self.best, indent=2))
 
 
 def saturation(image: np.ndarray) -> float:

@@ -16,6 +16,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kontext_lora.atomic import atomic_save_image, atomic_write_text
 from kontext_lora.config import DataConfig, DatasetConfig
 from kontext_lora.ui.paths import PathRefused, Root
 
@@ -181,9 +182,7 @@ def thumbnail(root: Root, path: str, cache_dir: Path, side: int = THUMB_SIDE) ->
             img.draft("RGB", (side, side))  # JPEG: decode at a fraction of the size
             img = img.convert("RGB")
             img.thumbnail((side, side))
-            tmp = cached.with_name(f".{name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            img.save(tmp, format="JPEG", quality=85)
-            os.replace(tmp, cached)
+            atomic_save_image(img, cached, "JPEG", quality=85)  # a unique temp name: concurrent requests may race
     return cached
 
 
@@ -198,7 +197,7 @@ def set_flag(root: Root, path: str, stem: str, flagged: bool) -> bool:
     folder = root.resolve(path)
     stems = _flags(folder)
     stems = stems | {stem} if flagged else stems - {stem}
-    _write_text(folder / FLAG_FILE, "".join(f"{s}\n" for s in sorted(stems)))
+    atomic_write_text(folder / FLAG_FILE, "".join(f"{s}\n" for s in sorted(stems)))
     return flagged
 
 
@@ -225,7 +224,7 @@ def write_caption(root: Root, path: str, stem: str, caption: str, control_keys: 
     if layout == "folder":
         target = Path(triple.target)
         file = target.with_suffix(".txt")
-        _write_text(file, caption + "\n")
+        atomic_write_text(file, caption + "\n")
         return file
     if layout == "jsonl":
         return _rewrite_jsonl(folder, Path(triple.target), caption=caption)
@@ -275,15 +274,9 @@ def _rewrite_jsonl(folder: Path, target: Path, caption: str | None = None, drop:
             record["caption"] = caption
             line = json.dumps(record, ensure_ascii=False)
         lines.append(line)
-    _write_text(metadata, "".join(line + "\n" for line in lines))
+    atomic_write_text(metadata, "".join(line + "\n" for line in lines))
     if dropped:
         (folder / DROP_DIR).mkdir(exist_ok=True)
         with open(folder / DROP_DIR / "metadata.jsonl", "a", encoding="utf-8") as handle:
             handle.write("".join(line + "\n" for line in dropped))
     return metadata
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

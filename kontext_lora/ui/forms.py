@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from kontext_lora.atomic import atomic_write_text
 from kontext_lora.config import Config, ConfigError, describe_keys, load_config
 
 _KEY_IN_ERROR = re.compile(r"`([A-Za-z_][\w.\[\]]*)`")
@@ -198,10 +199,7 @@ def save_yaml(source: Path, destination: Path, overrides: list[str]) -> str:
         lines = text.splitlines(keepends=True)
         first = [line for line in lines if line.startswith("extends:")]
         text = "".join(first + [line for line in lines if line not in first])
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = destination.with_name(f".{destination.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, destination)
+    atomic_write_text(destination, text)
     return text
 
 
