@@ -5,7 +5,7 @@ Usage: python scripts/pretrain_tiny.py [--out kontext_lora/model/tiny_editor] [-
 FLUX.1-Kontext-dev is a pretrained editor: it follows its control image and a LoRA only teaches it a new edit.
 The tiny model the examples and tests build is made to behave like that, in miniature:
 1. the VAE is trained as an autoencoder on 128^2 images (generated shapes and gradients, and crops of the
-   example photos), so that images decode to (blurred) approximations of themselves; its shift_factor /
+   example photos, a fifth of them grey), so that images decode close to themselves; its shift_factor /
    scaling_factor are then calibrated so that latents have mean 0 and std 1, as FLUX.1's constants do for its VAE;
 2. the transformer is trained with the project's own Kontext flow-matching objective
    (kontext_lora/train/objective.py) on captioned generic edits of those images: "keep it the same", shifts by
@@ -14,8 +14,10 @@ The tiny model the examples and tests build is made to behave like that, in mini
 The text encoders stay random (seeded); their embeddings still tell the captions apart. All four model
 components are written as float16 safetensors (the tokenizers are built in code).
 
-Everything is seeded and runs on one thread: the same command, seed and library versions give the same weights.
-It takes about half an hour of one CPU core (much longer on a busy machine).
+Everything is seeded; the same command, seed, device and library versions give the same weights. The shipped weights
+come from the defaults (`python scripts/pretrain_tiny.py`, seed 0) on one CUDA GPU in float32 with TF32 off: about
+7 minutes on an H200 (torch 2.11), where the VAE reconstructs unseen 128^2 images at 28 dB and the transformer
+samples "keep it the same" at 31 dB. On a CPU (`--device cpu`, one thread) the same recipe takes many hours.
 """
 
 from __future__ import annotations
