@@ -25,6 +25,7 @@ from kontext_lora.errors import UserError
 from kontext_lora.export.diffusers_format import WEIGHT_NAME, read_lora_file, save_diffusers_lora
 from kontext_lora.export.formats import write_exports
 from kontext_lora.model.lora import adapter_state, load_adapter_state
+from kontext_lora.run_files import METRICS_NAME
 from kontext_lora.train import checkpoint
 from kontext_lora.train.ema import EMA_WEIGHT_NAME, AdapterEMA
 from kontext_lora.train.job import JobOutOfMemory, free_accelerator_memory
@@ -32,9 +33,6 @@ from kontext_lora.train.job import JobOutOfMemory, free_accelerator_memory
 
 class TrainingError(UserError, RuntimeError):
     """Training stopped for a reason the user can act on; the message says what was saved."""
-
-
-METRICS_NAME = checkpoint.METRICS_NAME
 
 
 def append_metrics(out_dir: Path, record: dict) -> None:

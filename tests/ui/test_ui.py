@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+from kontext_lora.model.tiny import make_tiny_model
 from kontext_lora.train import checkpoint
 
 from ..conftest import REPO
@@ -35,8 +36,7 @@ RUN_DIR = "runs/ui_tiny"
 RUN_FIELDS = {
     "train.steps": "40",
     "validation.every": "4",
-    "validation.steps": "2",
-    "data.resolution": "64",
+    "validation.steps": "8",
     "output.dir": RUN_DIR,
     "output.save_every": "0",
     "logging.report_to": "none",
@@ -54,13 +54,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def project(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A project folder: the example configs and data, the tiny model where tiny_bw.yaml expects it, and a small
     sweep file."""
     root = tmp_path_factory.mktemp("project")
     shutil.copytree(REPO / "configs", root / "configs")
     shutil.copytree(REPO / "data_examples" / "bw", root / "data_examples" / "bw")
-    shutil.copytree(tiny_model_dir, root / "runs" / "tiny-kontext")
+    make_tiny_model(root / "runs" / "tiny-kontext")  # the example's pretrained editor: the grids show its edits
     (root / "configs" / "examples" / "sweeps" / "ui_sweep.yaml").write_text(
         "name: ui_sweep\ndir: runs/sweeps/ui_sweep\n"
         "fixed: {train.steps: 6, data.resolution: 32, validation.every: 0, output.save_every: 0,"
