@@ -39,8 +39,7 @@ from kontext_lora.data.triples import DataError, Triple, discover_triples, image
 from kontext_lora.export.formats import export_file_names
 from kontext_lora.model.load import encode_captions, encode_images
 from kontext_lora.progress import progress_bar
-from kontext_lora.run_files import METRICS_NAME
-from kontext_lora.train import checkpoint
+from kontext_lora.train import checkpoint, run_state
 from kontext_lora.train.checkpoint import BEST_DIR, BEST_JSON, VALIDATION_DIR
 from kontext_lora.train.objective import LatentBatch, flow_matching_loss
 
@@ -74,7 +73,7 @@ def validation_items(cfg: Config, heldout: list[Triple] = ()) -> list[Validation
     """Load the configured examples, the heldout_path triples and `heldout` (all images read now: bad files fail
     before training, naming the file)."""
     resolution = cfg.data.resolution
-    crop = lambda path: to_image(image_to_tensor(load_image(path), resolution))  # noqa: E731
+    crop = lambda path: _to_image(image_to_tensor(load_image(path), resolution))  # noqa: E731
     items = []
     for i, example in enumerate(cfg.validation.examples):
         mask = _mask(example.mask, resolution) if example.mask else None
@@ -143,8 +142,7 @@ class Validator:
         record.update(self._edit_metrics(outputs))
         if self.accelerator.is_main_process:
             self._write_grids(step, outputs)
-            with open(self.out_dir / METRICS_NAME, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+            run_state.append_metrics(self.out_dir, record)
         self.accelerator.log({f"val/{k}": v for k, v in record.items() if k != "step" and v is not None}, step=step)
         self._update_best(step, record, save_adapter)
         self.records.append(record)
@@ -324,7 +322,7 @@ def _read_best(out_dir: Path, metric: str) -> dict[str, Any] | None:
     return best if best.get("metric") == metric and isinstance(best.get("value"), (int, float)) else None
 
 
-def to_image(pixels: torch.Tensor) -> Image.Image:
+def _to_image(pixels: torch.Tensor) -> Image.Image:
     """(3, R, R) in [-1, 1] -> RGB image."""
     array = ((pixels.permute(1, 2, 0) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
     return Image.fromarray(array)

@@ -26,6 +26,7 @@ import yaml
 from kontext_lora.config import load_config
 from kontext_lora.run_files import (
     ADAPTER_NAME,
+    BEST_DIR,
     BEST_JSON,
     CARD_NAME,
     CHECKPOINT_MARKER,
@@ -198,7 +199,7 @@ def view_run(root: Root, run_dir: Path, processes: Processes) -> RunView:
     except (OSError, ValueError):
         best = None
     files = []
-    for folder in (run_dir, run_dir / "best"):
+    for folder in (run_dir, run_dir / BEST_DIR):
         for path in sorted(folder.glob("*")):
             if path.is_file() and (path.suffix == ".safetensors" or path.name == CARD_NAME):
                 files.append((root.relative(path), path.stat().st_size))
