@@ -185,8 +185,9 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------------------- VAE
 
 
-def train_vae(vae, seed: int, steps: int, batch_size: int, crop: int, lr: float = 2e-3, images: int = 6000) -> None:
-    """Autoencoder training on random `crop`^2 crops (the VAE is convolutional: it then works at SIZE too).
+def train_vae(vae, seed: int, steps: int, batch_size: int, crop: int, lr: float = 2e-3, count: int = 6000) -> None:
+    """Autoencoder training on random `crop`^2 crops of `count` images (the VAE is convolutional: it then works at
+    SIZE too).
 
     Loss: L1 + MSE of the reconstruction from the posterior mean with a little noise added (so the decoder also
     renders the slightly-off latents a transformer predicts). The KL term is left out: latents are encoded with
@@ -194,7 +195,7 @@ def train_vae(vae, seed: int, steps: int, batch_size: int, crop: int, lr: float 
     """
     rng = np.random.default_rng(seed)
     device = next(vae.parameters()).device
-    images = to_pixels(greyed(image_set(images, 0.3, rng), rng)).to(device)  # (images, 3, SIZE, SIZE)
+    images = to_pixels(greyed(image_set(count, 0.3, rng), rng)).to(device)  # (count, 3, SIZE, SIZE)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
@@ -263,7 +264,7 @@ def edit_dataset(
 
 
 def train_transformer(transformer, data, seed: int, steps: int, batch_size: int, lr: float) -> None:
-    """Kontext flow matching (the trainer's own loss and sigma sampling) on the encoded edits in `data`."""
+    """Kontext flow matching (the trainer's own loss, sigmas drawn uniformly) on the encoded edits in `data`."""
     controls, targets, prompt_embeds, pooled_embeds = data
     device = next(transformer.parameters()).device
     generator = torch.Generator().manual_seed(seed)
